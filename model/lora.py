@@ -1,0 +1,53 @@
+"""PEFT LoRA on the backbone: attach for stage 1, load frozen for stages 2-3 and serving."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters; defaults follow TALLRec/CoLLM, which the paper builds on."""
+
+    #: Rank of the update.
+    r: int = 8
+    #: Scaling numerator (the update is scaled by alpha / r).
+    alpha: int = 16
+    #: Dropout on the LoRA input during training.
+    dropout: float = 0.05
+    #: Module names to adapt; q_proj/v_proj exist in Llama, Qwen2 and most HF decoders.
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
+    """Wrap the backbone with a fresh, trainable LoRA (the backbone itself stays frozen)."""
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def load_lora(model: PreTrainedModel, adapter_dir: str | Path) -> PeftModel:
+    """Load a saved adapter (PEFT's safetensors layout), frozen and in eval mode."""
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    return freeze(peft_model)
+
+
+def freeze(model: PeftModel | PreTrainedModel) -> PeftModel | PreTrainedModel:
+    """No parameter of the LLM (backbone or LoRA) receives gradients any more."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def merge(model: PeftModel) -> PreTrainedModel:
+    """Fold the LoRA into the backbone weights: same outputs, no adapter overhead."""
+    return model.merge_and_unload()

@@ -1,0 +1,181 @@
+"""The queue in front of the model and the micro-batcher that empties it.
+
+An entry carries its payload, a future for its result and the time it was queued. One
+background task forms batches: it takes the oldest entry, then keeps taking entries
+while the batch stays within `max_batch_tokens`, waiting at most `batch_wait_s` for more,
+and runs the batch on the single model thread (so the event loop stays free). A full
+queue refuses at once (429 with Retry-After) instead of growing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from service.errors import QueueFull, ShuttingDown
+from service.metrics import Metrics
+
+P = TypeVar("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Entry(Generic[P, R]):
+    """One queued request."""
+
+    #: The work for the model thread.
+    payload: P
+    #: Token positions it puts through the model (the batch budget counts these).
+    cost: int
+    #: Candidates it scores (for metrics).
+    size: int
+    #: Resolved with the result (or the error) of its batch.
+    future: asyncio.Future[R]
+    #: `time.monotonic()` when it was queued.
+    enqueued_at: float
+
+
+class Batcher(Generic[P, R]):
+    """Owns the model thread: every model call goes through `submit` or `call`."""
+
+    def __init__(
+        self,
+        runner: Callable[[list[P]], list[R]],
+        metrics: Metrics,
+        max_queue: int = 64,
+        max_batch_tokens: int = 8192,
+        batch_wait_s: float = 0.002,
+    ) -> None:
+        self.runner = runner
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self.max_batch_tokens = max_batch_tokens
+        self.batch_wait_s = batch_wait_s
+        self._pending: deque[Entry[P, R]] = deque()
+        self._arrived = asyncio.Event()
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sellarec-model")
+        self._worker: asyncio.Task[None] | None = None
+        self._in_flight: list[Entry[P, R]] = []
+        self._closed = False
+        #: Moving average of model seconds per request (for Retry-After).
+        self._seconds_per_request = 0.05
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (not yet in a running batch)."""
+        return len(self._pending)
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._loop(), name="sellarec-batcher")
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the model thread (for work outside batches, e.g. warm-up)."""
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
+
+    def submit(self, payload: P, cost: int, size: int) -> asyncio.Future[R]:
+        """Queue `payload`; the future resolves with its result. Raises QueueFull or ShuttingDown."""
+        if self._closed:
+            raise ShuttingDown("the server is shutting down")
+        if len(self._pending) >= self.max_queue:
+            retry = math.ceil(self._seconds_per_request * (len(self._pending) + 1))
+            raise QueueFull(
+                f"the queue holds {len(self._pending)} requests (max_queue); retry later",
+                retry_after=min(max(retry, 1), 60),
+            )
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append(Entry(payload, cost, size, future, time.monotonic()))
+        self.metrics.queue_depth.set(len(self._pending))
+        self._arrived.set()
+        return future
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+            batch = await self._form_batch()
+            if batch:
+                await self._run(batch)
+
+    def _take(self, batch: list[Entry[P, R]], tokens: int) -> int:
+        """Move queued entries into `batch` while the budget allows; return the new token count."""
+        while self._pending:
+            entry = self._pending[0]
+            if entry.future.done():  # the client went away
+                self._pending.popleft()
+                continue
+            if batch and tokens + entry.cost > self.max_batch_tokens:
+                break
+            batch.append(self._pending.popleft())
+            tokens += entry.cost
+        self.metrics.queue_depth.set(len(self._pending))
+        return tokens
+
+    async def _form_batch(self) -> list[Entry[P, R]]:
+        batch: list[Entry[P, R]] = []
+        tokens = self._take(batch, 0)
+        deadline = time.monotonic() + self.batch_wait_s
+        while batch and tokens < self.max_batch_tokens and not self._pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                break
+            tokens = self._take(batch, tokens)
+        return batch
+
+    async def _run(self, batch: list[Entry[P, R]]) -> None:
+        now = time.monotonic()
+        for entry in batch:
+            self.metrics.queue_wait_seconds.observe(now - entry.enqueued_at)
+        self.metrics.batch_requests.observe(len(batch))
+        self.metrics.batch_candidates.observe(sum(e.size for e in batch))
+        self._in_flight = batch
+        try:
+            results = await self.call(self.runner, [e.payload for e in batch])
+        except Exception as err:  # the model failed: every request of the batch gets the error
+            log.exception("batch of %d requests failed", len(batch))
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(err)
+            return
+        finally:
+            self._in_flight = []
+            seconds = time.monotonic() - now
+            self.metrics.batch_seconds.observe(seconds)
+            self._seconds_per_request = 0.8 * self._seconds_per_request + 0.2 * seconds / len(batch)
+        for entry, result in zip(batch, results):
+            if not entry.future.done():
+                entry.future.set_result(result)
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        """Refuse new work, finish what is queued and running (up to `timeout_s`), stop."""
+        self._closed = True
+        deadline = time.monotonic() + timeout_s
+        while (self._pending or self._in_flight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        for entry in [*self._in_flight, *self._pending]:
+            if not entry.future.done():
+                entry.future.set_exception(ShuttingDown("the server stopped before this request ran"))
+        self._pending.clear()
+        self.metrics.queue_depth.set(0)
+        self._model_thread.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,79 @@
+"""`sellarec-serve`: the scoring service under uvicorn.
+
+Flags override `SELLAREC_*` environment variables, which override the defaults
+(service/settings.py). SIGTERM stops accepting connections, lets in-flight requests
+finish, drains the queue (lifespan shutdown) and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from model.artifacts import ArtifactError, read_manifest
+from service.app import create_app
+from service.settings import Settings
+
+
+def main(
+    artifacts: Annotated[
+        Path | None, typer.Option(help="Artifact bundle directory (env SELLAREC_ARTIFACTS).")
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis URL; none: in-process store (env SELLAREC_REDIS_URL).")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to listen on (env SELLAREC_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on (env SELLAREC_PORT).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (env SELLAREC_DEVICE).")] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug, info, warning (env SELLAREC_LOG_LEVEL).")
+    ] = None,
+) -> None:
+    """Serve /score, /rerank, /healthz, /readyz, /metrics and /docs."""
+    given = {"artifacts": artifacts, "redis_url": redis_url, "host": host, "port": port, "device": device,
+             "log_level": log_level}  # fmt: skip
+    settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    if settings.artifacts is None:
+        raise typer.BadParameter("pass --artifacts DIR or set SELLAREC_ARTIFACTS", param_hint="--artifacts")
+    try:
+        read_manifest(settings.artifacts)
+    except ArtifactError as err:
+        raise typer.BadParameter(str(err), param_hint="--artifacts") from err
+    # uvicorn drains, restores these handlers and re-raises the signal it caught: SIGTERM
+    # then ends the process with status 0 (a clean, requested stop), Ctrl-C with 130.
+    signal.signal(signal.SIGTERM, _exit_with(0))
+    signal.signal(signal.SIGINT, _exit_with(130))
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        lifespan="on",
+    )
+
+
+def _exit_with(status: int) -> Callable[[int, FrameType | None], None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(status)
+
+    return handler
+
+
+def serve() -> None:
+    """Console entry point `sellarec-serve`."""
+    typer.run(main)
+
+
+if __name__ == "__main__":
+    serve()

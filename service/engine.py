@@ -1,0 +1,296 @@
+"""From a validated request to scores: snapshot, lookup, cold start, encoding, queue.
+
+Decisions (also in docs/api.md):
+- A request snapshots the served store version once; every lookup and the projections
+  it uses come from that version, and the response names it in `model`.
+- `history` in a request, when present (even empty), replaces the stored history, for
+  known and cold users; absent, the stored history is used (empty for a cold user). Only
+  the last `history_length` entries (10 in the paper) reach the prompt.
+- Unknown user: the version's neutral collaborative vector. Unknown item with a title:
+  neutral collaborative vector and a semantic vector distilled from the title (cached in
+  the store under the version). Unknown item without a title: 422 `unknown_items`
+  naming every such id (candidates and history alike).
+- A known item is always scored with its stored title and vectors; a title sent with it
+  is ignored.
+- Duplicate candidates are scored at each occurrence (computed once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model.encoding import PromptEncoder
+from model.prompts import ALL_SLOTS, TemplateSpec, distillation_prompt, item_prompt, user_prompt
+from service.backend import Backend
+from service.batcher import Batcher
+from service.errors import NotReady, PromptTooLong, StoreUnavailable, TooLarge, UnknownItems
+from service.jobs import Job, JobResult
+from service.metrics import Metrics
+from service.store import Lookup, Store
+from service.tracker import ServedVersion, VersionTracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ItemInput:
+    """A requested item, as the engine sees it."""
+
+    #: External item id.
+    item_id: str
+    #: Title sent with it (used only if the store does not know the item).
+    title: str | None = None
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The score of one requested item."""
+
+    #: External item id.
+    item_id: str
+    #: P(Yes).
+    score: float
+    #: The user or the item was cold.
+    cold: bool
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Scores of a request, in input order, and the version that produced them."""
+
+    #: Store version id.
+    model: str
+    #: One per requested item.
+    scores: list[Scored]
+
+
+@dataclass
+class _Candidate:
+    """A distinct candidate of one request."""
+
+    #: Id of its first occurrence (for error messages).
+    item_id: str
+    #: The title the prompt uses (stored for known items, sent for cold ones).
+    title: str
+    #: Collaborative vector [d_C] (neutral for a cold item).
+    collab: np.ndarray
+    #: Semantic vector [d_L], or None until distilled.
+    semantic: np.ndarray | None
+    #: The store did not know the item.
+    cold: bool
+
+
+class Engine:
+    """Turns requests into jobs for the batcher and their results into scores."""
+
+    def __init__(
+        self,
+        spec: TemplateSpec,
+        encoder: PromptEncoder,
+        backend: Backend,
+        store: Store,
+        tracker: VersionTracker,
+        batcher: Batcher[Job, JobResult],
+        metrics: Metrics,
+        max_candidates: int = 256,
+        max_history: int = 100,
+    ) -> None:
+        self.spec = spec
+        self.encoder = encoder
+        self.backend = backend
+        self.store = store
+        self.tracker = tracker
+        self.batcher = batcher
+        self.metrics = metrics
+        self.max_candidates = max_candidates
+        self.max_history = max_history
+        self._background: set[asyncio.Task[None]] = set()
+
+    def served(self) -> ServedVersion:
+        """The version a new request uses (raises when there is none)."""
+        served = self.tracker.current
+        if served is None:
+            raise StoreUnavailable(f"no store version to serve: {self.tracker.problem}")
+        return served
+
+    async def score(
+        self, user_id: str, items: Sequence[ItemInput], history: Sequence[ItemInput] | None = None
+    ) -> Outcome:
+        """P(Yes) for each of `items`, in order."""
+        if len(items) > self.max_candidates:
+            raise TooLarge(
+                f"{len(items)} candidates; at most {self.max_candidates} per request (max_candidates)"
+            )
+        if history is not None and len(history) > self.max_history:
+            raise TooLarge(f"{len(history)} history entries; at most {self.max_history} (max_history)")
+        served = self.served()
+        recent = None
+        if history is not None:
+            keep = self.spec.history_length
+            recent = list(history[-keep:]) if keep > 0 else []
+        lookup = await self._lookup(served, user_id, items, recent)
+
+        history_titles = self._history_titles(lookup, recent)
+        user_collab = lookup.user.collab if lookup.user is not None else served.neutral_user
+        cold_user = lookup.user is None
+        keys, distinct = self._candidates(served, lookup, items)
+
+        prefix = self.encoder.segments(user_prompt(self.spec, history_titles), lead=True)
+        suffixes = [self.encoder.segments(item_prompt(self.spec, c.title)) for c in distinct.values()]
+        for cand, suffix in zip(distinct.values(), suffixes):
+            if len(prefix) + len(suffix) > self.backend.max_positions:
+                raise PromptTooLong(
+                    f"the prompt for item {cand.item_id!r} has {len(prefix) + len(suffix)} tokens; "
+                    f"the model takes {self.backend.max_positions} (shorten titles or history)",
+                    items=[cand.item_id],
+                )
+        cands = list(distinct.values())
+        distill = {
+            c.title: self.encoder.prompt(distillation_prompt(self.spec, c.title))
+            for c in cands
+            if c.semantic is None
+        }
+        job = Job(
+            prefix=prefix,
+            suffixes=suffixes,
+            user_collab=user_collab,
+            item_collab=np.stack([c.collab for c in cands]),
+            item_semantic=[c.semantic for c in cands],
+            titles=[c.title for c in cands],
+            distill=distill,
+            projections=served.projections,
+        )
+        result = await self.batcher.submit(job, job.cost, job.size)
+        if result.distilled:
+            self._remember(served.version, result.distilled)
+
+        index = {key: k for k, key in enumerate(distinct)}
+        scores = []
+        for item, key in zip(items, keys):
+            cand = distinct[key]
+            scores.append(
+                Scored(item.item_id, float(result.probabilities[index[key]]), cold_user or cand.cold)
+            )
+        self.metrics.candidates.inc(len(scores))
+        if cold_user:
+            self.metrics.cold.labels(kind="user").inc(len(scores))
+        self.metrics.cold.labels(kind="item").inc(sum(distinct[k].cold for k in keys))
+        return Outcome(served.version, scores)
+
+    async def _lookup(
+        self,
+        served: ServedVersion,
+        user_id: str,
+        items: Sequence[ItemInput],
+        history: Sequence[ItemInput] | None,
+    ) -> Lookup:
+        """One round trip: the user, every item and history id, cached vectors of titled items."""
+        ids = list(dict.fromkeys([i.item_id for i in items] + [h.item_id for h in history or []]))
+        titles = list(dict.fromkeys(i.title for i in items if i.title))
+        start = time.perf_counter()
+        try:
+            return await self.store.lookup(served.version, user_id, ids, titles)
+        finally:
+            self.metrics.store_seconds.labels(op="lookup").observe(time.perf_counter() - start)
+
+    def _history_titles(self, lookup: Lookup, history: Sequence[ItemInput] | None) -> tuple[str, ...]:
+        if history is None:
+            return lookup.user.history_titles if lookup.user is not None else ()
+        titles, unknown = [], []
+        for h in history:
+            known = lookup.items.get(h.item_id)
+            title = known.title if known is not None else h.title
+            if title is None:
+                unknown.append(h.item_id)
+            else:
+                titles.append(title)
+        if unknown:
+            raise UnknownItems(_unknown_message("history items", unknown), items=unknown)
+        return tuple(titles)
+
+    def _candidates(
+        self, served: ServedVersion, lookup: Lookup, items: Sequence[ItemInput]
+    ) -> tuple[list[tuple[str, str]], dict[tuple[str, str], _Candidate]]:
+        """Each item's key, and the distinct candidates by key (known: by id; cold: by title)."""
+        keys: list[tuple[str, str]] = []
+        distinct: dict[tuple[str, str], _Candidate] = {}
+        unknown: list[str] = []
+        for item in items:
+            known = lookup.items.get(item.item_id)
+            if known is not None:
+                key = ("known", item.item_id)
+                if key not in distinct:
+                    distinct[key] = _Candidate(
+                        item.item_id, known.title, known.collab, known.semantic, cold=False
+                    )
+            elif item.title is not None:
+                key = ("cold", item.title)
+                if key not in distinct:
+                    cached = lookup.distilled.get(item.title)
+                    distinct[key] = _Candidate(
+                        item.item_id, item.title, served.neutral_item, cached, cold=True
+                    )
+            else:
+                unknown.append(item.item_id)
+                continue
+            keys.append(key)
+        if unknown:
+            unknown = list(dict.fromkeys(unknown))
+            raise UnknownItems(_unknown_message("items", unknown), items=unknown)
+        return keys, distinct
+
+    def _remember(self, version: str, vectors: dict[str, np.ndarray]) -> None:
+        """Cache distilled vectors in the store without holding up the response."""
+
+        async def write() -> None:
+            try:
+                await self.store.cache_distilled(version, vectors)
+            except Exception as err:  # a failed cache write only costs a later re-distillation
+                log.warning("caching %d distilled vectors failed: %s", len(vectors), err)
+
+        task = asyncio.get_running_loop().create_task(write())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def warm_up(self) -> None:
+        """One scoring and one distillation forward before traffic (kernels, allocator, caches)."""
+        prefix = self.encoder.segments(user_prompt(self.spec, ()), lead=True)
+        suffix = self.encoder.segments(item_prompt(self.spec, "warm-up"))
+        prompt = self.encoder.prompt(distillation_prompt(self.spec, "warm-up"))
+        zeros = torch.zeros(1, len(ALL_SLOTS), self.backend.llm_dim, device=self.backend.device)
+
+        def run() -> None:
+            self.backend.score([prefix], zeros, [0], [suffix], zeros)
+            self.backend.distill([prompt])
+
+        await self.batcher.call(run)
+
+    async def ready(self) -> str:
+        """The served version if the store answers and a version is served; raises otherwise."""
+        await self.store.ping()
+        if self.tracker.current is None:
+            await self.tracker.refresh()
+        served = self.tracker.current
+        if served is None:
+            raise NotReady(f"no store version to serve: {self.tracker.problem}")
+        return served.version
+
+    async def flush(self, timeout_s: float = 5.0) -> None:
+        """Wait (a bounded time) for background cache writes, at shutdown and in tests."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout_s)
+
+
+def _unknown_message(what: str, ids: list[str]) -> str:
+    shown = ", ".join(repr(i) for i in ids[:20]) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
+    return (
+        f'unknown {what} without a title: {shown}. Send them as {{"item_id", "title"}} to score '
+        f"them cold, or load a store version that has them"
+    )

@@ -1,0 +1,116 @@
+"""The outermost ASGI layer: request metrics, the body size limit, and a last-resort 500.
+
+It sits outside FastAPI so that an oversized body is refused before anything parses it,
+every answer (errors included) is timed, and no exception escapes to the server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import Metrics
+from service.schemas import ErrorBody, ErrorResponse
+
+log = logging.getLogger(__name__)
+
+#: Paths that get their own `endpoint` label; anything else is "other" (bounded cardinality).
+ENDPOINTS = frozenset({"/score", "/rerank", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
+
+
+def error_body(status: int, kind: str, message: str, items: list[str] | None = None) -> bytes:
+    """The JSON of the error envelope."""
+    body = ErrorResponse(error=ErrorBody(message=message, type=kind, code=status, items=items))
+    return json.dumps(body.model_dump(exclude_none=True)).encode()
+
+
+class Guard:
+    """Times every request, refuses bodies over `max_body_bytes`, never lets an exception out."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        path = scope.get("path", "")
+        endpoint = path if path in ENDPOINTS else "other"
+        status = 500
+        started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+            await send(message)
+
+        try:
+            body = await self._read_body(scope, receive)
+            if body is None:
+                status = 413
+                await self._error(send, 413, "too_large", f"request body over {self.max_body_bytes} bytes")
+                return
+            await self.app(scope, self._replay(body, receive), send_wrapper)
+        except Exception:
+            if started:  # the app already answered (its 500 handler, or mid-stream): just log
+                log.exception("error after the response started on %s", path)
+            else:
+                log.exception("unhandled error on %s", path)
+                status = 500
+                await self._error(send, 500, "internal_error", "internal error; see the server log")
+        finally:
+            self.metrics.request_seconds.labels(endpoint=endpoint, status=str(status)).observe(
+                time.perf_counter() - start
+            )
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        """The whole body, or None if it exceeds the limit (by header or by count)."""
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    if int(value) > self.max_body_bytes:
+                        return None
+                except ValueError:
+                    pass
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return b"".join(chunks)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    @staticmethod
+    def _replay(body: bytes, receive: Receive) -> Receive:
+        """A `receive` that yields the buffered body once, then defers to the real one."""
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+    async def _error(self, send: Send, status: int, kind: str, message: str) -> None:
+        self.metrics.errors.labels(type=kind).inc()
+        payload = error_body(status, kind, message)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        if status == 413:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,112 @@
+"""The HTTP routes, and nothing else: parse (schemas), call the engine, shape the answer."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.engine import Engine, ItemInput
+from service.errors import Unauthorized
+from service.schemas import (
+    ErrorResponse,
+    Health,
+    ItemRef,
+    ItemScore,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    ScoreRequest,
+    ScoreResponse,
+)
+
+_bearer = HTTPBearer(auto_error=False, description="`SELLAREC_API_TOKEN`, when the server sets one.")
+
+_ERRORS = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong bearer token."},
+    413: {
+        "model": ErrorResponse,
+        "description": "Too many candidates or history entries, or body too large.",
+    },
+    422: {
+        "model": ErrorResponse,
+        "description": "Malformed request, unknown items without title, prompt too long.",
+    },
+    429: {"model": ErrorResponse, "description": "Queue full; retry after the Retry-After header's seconds."},
+    503: {"model": ErrorResponse, "description": "Store unreachable, no servable version, or shutting down."},
+}
+
+
+def engine(request: Request) -> Engine:
+    return request.app.state.runtime.engine
+
+
+def authorize(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    """Check the bearer token when the server has one (constant-time comparison)."""
+    token = request.app.state.runtime.settings.api_token
+    if token is None:
+        return
+    given = credentials.credentials if credentials is not None else ""
+    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+        raise Unauthorized()
+
+
+def authorize_metrics(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+) -> None:
+    if request.app.state.runtime.settings.protect_metrics:
+        authorize(request, credentials)
+
+
+def _items(refs: list[ItemRef] | None) -> list[ItemInput] | None:
+    if refs is None:
+        return None
+    return [ItemInput(r) if isinstance(r, str) else ItemInput(r.item_id, r.title) for r in refs]
+
+
+router = APIRouter()
+
+
+@router.post("/score", responses=_ERRORS, dependencies=[Depends(authorize)], tags=["scoring"])
+async def score(body: ScoreRequest, engine: Engine = Depends(engine)) -> ScoreResponse:
+    """P(Yes) for each item, in input order."""
+    outcome = await engine.score(body.user_id, _items(body.items), _items(body.history))
+    return ScoreResponse(
+        model=outcome.model,
+        scores=[ItemScore(item_id=s.item_id, score=s.score, cold=s.cold) for s in outcome.scores],
+    )
+
+
+@router.post("/rerank", responses=_ERRORS, dependencies=[Depends(authorize)], tags=["scoring"])
+async def rerank(body: RerankRequest, engine: Engine = Depends(engine)) -> RerankResponse:
+    """Candidates sorted by P(Yes), best first; ties keep input order."""
+    outcome = await engine.score(body.user_id, _items(body.candidates), _items(body.history))
+    order = sorted(range(len(outcome.scores)), key=lambda k: -outcome.scores[k].score)
+    if body.top_n is not None:
+        order = order[: body.top_n]
+    results = [
+        RerankResult(index=k, item_id=s.item_id, relevance_score=s.score, cold=s.cold)
+        for k, s in ((k, outcome.scores[k]) for k in order)
+    ]
+    return RerankResponse(model=outcome.model, results=results)
+
+
+@router.get("/healthz", tags=["operations"], response_model_exclude_none=True)
+async def healthz() -> Health:
+    """The process is up and its model is loaded (answers only after startup)."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", responses={503: _ERRORS[503]}, tags=["operations"])
+async def readyz(engine: Engine = Depends(engine)) -> Health:
+    """The store answers and a compatible version is being served."""
+    return Health(status="ready", model=await engine.ready())
+
+
+@router.get("/metrics", dependencies=[Depends(authorize_metrics)], tags=["operations"])
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (text exposition format)."""
+    registry = request.app.state.runtime.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

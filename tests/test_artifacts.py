@@ -1,0 +1,140 @@
+"""The artifact bundle: bit-exact round trip, checksums, refusals that say what differs."""
+
+from __future__ import annotations
+
+import json
+
+import factories
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model.artifacts import (
+    ArtifactError,
+    Catalog,
+    Manifest,
+    check_compatible,
+    load_bundle,
+    read_manifest,
+    save_bundle,
+)
+from model.backbone import BackboneInfo, load_backbone, random_backbone
+from model.loader import load_scorer
+from model.prompts import scoring_prompt
+
+
+def _small(tmp_path, **overrides):
+    tensors = {
+        "mf.users": torch.randn(3, 4),
+        "mf.items": torch.randn(2, 4),
+        "semantic.items": torch.randn(2, 6).double().float(),
+        "proj_c.net.0.weight": torch.randn(5, 4),
+    }
+    manifest = Manifest(
+        name="m",
+        variant="sellarec",
+        dataset="d",
+        backbone=None,
+        collab_dim=4,
+        llm_dim=6,
+        template=None,
+        answer_token_ids=None,
+        n_users=3,
+        n_items=2,
+        **overrides,
+    )
+    catalog = Catalog(
+        users=["a", "b", "ü"],
+        items=["x", "y"],
+        titles=["X (1999)", "Ÿ, The"],
+        histories={"a": ["x", "y"], "b": []},
+    )
+    return save_bundle(tmp_path / "bundle", manifest, tensors, catalog), tensors, catalog
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    path, tensors, catalog = _small(tmp_path)
+    bundle = load_bundle(path)
+    assert bundle.tensors.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert torch.equal(bundle.tensors[name], t) and bundle.tensors[name].dtype == t.dtype
+    assert bundle.catalog == catalog
+    assert bundle.manifest.collab_dim == 4 and bundle.manifest.checksums
+
+
+def test_a_changed_byte_is_caught(tmp_path):
+    path, _, _ = _small(tmp_path)
+    data = bytearray((path / "tensors.safetensors").read_bytes())
+    data[-1] ^= 1
+    (path / "tensors.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum of tensors.safetensors"):
+        load_bundle(path)
+
+
+def test_dimension_mismatch_names_the_tensor(tmp_path):
+    path, _, _ = _small(tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["collab_dim"] = 8
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"mf.users has shape \(3, 4\).*\(3, 8\)"):
+        load_bundle(path)
+
+
+def test_format_version_and_missing_manifest(tmp_path):
+    path, _, _ = _small(tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="format version 99"):
+        read_manifest(path)
+    with pytest.raises(ArtifactError, match="not an artifact directory"):
+        read_manifest(tmp_path / "nowhere")
+
+
+def test_backbone_mismatch_is_refused_with_both_names(tiny_bundle_dir):
+    manifest = load_bundle(tiny_bundle_dir).manifest
+    other = BackboneInfo(spec="Qwen/Qwen2-7B", fingerprint="f" * 64, hidden_size=3584, model_type="qwen2")
+    with pytest.raises(ArtifactError) as err:
+        check_compatible(manifest, other, (1, 2))
+    text = str(err.value)
+    assert "Qwen/Qwen2-7B" in text and "d_L: artifact 64, model 3584" in text and "Yes/No" in text
+
+
+def test_bundle_holds_no_pickle(tiny_bundle_dir):
+    files = [p for p in tiny_bundle_dir.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} <= {".json", ".safetensors", ".md"}
+    for p in files:
+        assert not p.read_bytes().startswith(b"\x80")  # pickle protocol marker
+    assert (tiny_bundle_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert load_file(tiny_bundle_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_loaded_scorer_reproduces_the_saved_model(tiny_bundle_dir, tiny_backbone_dir):
+    """Merged and unmerged LoRA score alike, and the LoRA is really applied."""
+    merged = load_scorer(tiny_bundle_dir).scorer
+    unmerged = load_scorer(tiny_bundle_dir, merge_adapter=False).scorer
+    base, tok, _ = load_backbone(str(tiny_backbone_dir))
+    bundle = load_bundle(tiny_bundle_dir)
+    enc = [
+        merged.encoder.prompt(scoring_prompt(merged.spec, ["Heat (1995)"], t)) for t in bundle.catalog.titles
+    ]
+    t = bundle.tensors
+    vectors = merged.soft_vectors(
+        t["mf.users"][:1].expand(len(enc), -1), t["mf.items"], t["semantic.items"], len(enc)
+    )
+    with torch.no_grad():
+        a, b = merged.score(enc, vectors), unmerged.score(enc, vectors)
+        ids = torch.tensor([enc[0].ids])
+        lora_changes_output = not torch.allclose(
+            base(input_ids=ids).logits, merged.backbone(input_ids=ids).logits
+        )
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    assert lora_changes_output
+
+
+def test_wrong_backbone_for_a_bundle_is_refused(tiny_bundle_dir, tmp_path, tokenizer):
+    other = tmp_path / "other"
+    random_backbone(factories.tiny_qwen2_config(hidden=32)).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    with pytest.raises(ArtifactError, match="backbone: artifact trained on .*; d_L: artifact 64, model 32"):
+        load_scorer(tiny_bundle_dir, backbone=str(other))

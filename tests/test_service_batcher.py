@@ -1,0 +1,117 @@
+"""The micro-batcher on its own: budgets, the wait bound, back-pressure, failures, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from service.batcher import Batcher
+from service.errors import QueueFull, ShuttingDown
+from service.metrics import Metrics
+
+
+class Recorder:
+    """A runner that records the batches it gets and can be held on a gate."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, payloads: list[str]) -> list[str]:
+        self.gate.wait(10)
+        self.batches.append(list(payloads))
+        if "boom" in payloads:
+            raise RuntimeError("model failed")
+        return [p.upper() for p in payloads]
+
+
+def make(runner: Recorder, **kw) -> Batcher[str, str]:
+    batcher: Batcher[str, str] = Batcher(runner, Metrics(), **kw)
+    batcher.start()
+    return batcher
+
+
+async def test_requests_that_fit_the_token_budget_share_a_batch():
+    runner = Recorder()
+    batcher = make(runner, max_batch_tokens=100, batch_wait_s=0.2)
+    futures = [batcher.submit(p, cost=30, size=1) for p in ("a", "b", "c")]
+    assert await asyncio.gather(*futures) == ["A", "B", "C"]
+    assert runner.batches == [["a", "b", "c"]]
+    await batcher.drain()
+
+
+async def test_a_batch_never_exceeds_the_token_budget_but_always_takes_one_request():
+    runner = Recorder()
+    batcher = make(runner, max_batch_tokens=100, batch_wait_s=0.05)
+    futures = [batcher.submit(p, cost=c, size=1) for p, c in (("a", 60), ("b", 60), ("huge", 500), ("c", 30))]
+    await asyncio.gather(*futures)
+    assert runner.batches == [["a"], ["b"], ["huge"], ["c"]]
+    await batcher.drain()
+
+
+async def test_the_wait_bound_limits_how_long_a_lone_request_waits():
+    runner = Recorder()
+    batcher = make(runner, max_batch_tokens=1000, batch_wait_s=0.05)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    assert await batcher.submit("a", cost=1, size=1) == "A"
+    assert loop.time() - start < 1.0
+    await batcher.drain()
+
+
+async def test_a_full_queue_refuses_at_once_with_a_retry_after():
+    runner = Recorder()
+    runner.gate.clear()  # the model is busy
+    batcher = make(runner, max_queue=2, batch_wait_s=0)
+    first = batcher.submit("a", cost=1, size=1)
+    await asyncio.sleep(0.05)  # "a" is running; the next two wait in the queue
+    waiting = [batcher.submit(p, cost=1, size=1) for p in ("b", "c")]
+    with pytest.raises(QueueFull) as refused:
+        batcher.submit("d", cost=1, size=1)
+    assert int(refused.value.headers["Retry-After"]) >= 1
+    runner.gate.set()
+    assert await asyncio.gather(first, *waiting) == ["A", "B", "C"]
+    await batcher.drain()
+
+
+async def test_a_model_failure_fails_every_request_of_its_batch_and_the_batcher_goes_on():
+    runner = Recorder()
+    batcher = make(runner, batch_wait_s=0.1)
+    futures = [batcher.submit(p, cost=1, size=1) for p in ("x", "boom")]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert await batcher.submit("y", cost=1, size=1) == "Y"
+    await batcher.drain()
+
+
+async def test_a_cancelled_request_is_skipped():
+    runner = Recorder()
+    runner.gate.clear()
+    batcher = make(runner, batch_wait_s=0)
+    running = batcher.submit("a", cost=1, size=1)
+    await asyncio.sleep(0.05)
+    gone = batcher.submit("gone", cost=1, size=1)
+    kept = batcher.submit("kept", cost=1, size=1)
+    gone.cancel()
+    runner.gate.set()
+    assert await asyncio.gather(running, kept) == ["A", "KEPT"]
+    assert all("gone" not in b for b in runner.batches)
+    await batcher.drain()
+
+
+async def test_drain_finishes_queued_work_then_refuses_new_work():
+    runner = Recorder()
+    runner.gate.clear()
+    batcher = make(runner, batch_wait_s=0)
+    futures = [batcher.submit(p, cost=1, size=1) for p in ("a", "b")]
+    await asyncio.sleep(0.05)
+    drained = asyncio.create_task(batcher.drain(timeout_s=5))
+    await asyncio.sleep(0.05)
+    with pytest.raises(ShuttingDown):
+        batcher.submit("late", cost=1, size=1)
+    runner.gate.set()
+    await drained
+    assert [f.result() for f in futures] == ["A", "B"]

@@ -1,0 +1,88 @@
+"""CoLLM-format loading, item table, histories, seeded samples and the YAML configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from training.config import VARIANTS, RunConfig, load_config
+from training.data import Dataset, load_split, sample
+
+
+def _split() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "uid": [1, 1, 2, 1],
+            "iid": [3, 4, 3, 5],
+            "label": [1, 0, 1, 1],
+            "timestamp": [10, 11, 12, 13],
+            "his": [np.array([0]), np.array([0, 3]), np.array([0]), np.array([0, 3])],
+            "his_title": [
+                np.array([""]),
+                np.array(["", "C"]),
+                np.array([], dtype=object),
+                np.array(["", "C"]),
+            ],
+            "title": ["C", "D", "C", "E"],
+            "not_cold": [1, 1, 1, 0],
+        }
+    )
+
+
+def test_load_split_drops_the_pad_and_keeps_titles_aligned(tmp_path):
+    _split().to_parquet(tmp_path / "s.parquet")
+    frame = load_split(tmp_path / "s.parquet")
+    assert frame["his"].tolist() == [[], [3], [], [3]]
+    assert frame["his_title"].tolist() == [[], ["C"], [], ["C"]]
+    assert frame["uid"].dtype == np.int64
+
+
+def test_missing_columns_are_named():
+    with pytest.raises(ValueError, match="title"):
+        Dataset.from_frames(_split().drop(columns=["title"]), _split())
+
+
+def test_item_table_histories_and_masks():
+    valid = _split().assign(uid=[2, 2, 6, 2], timestamp=[20, 21, 22, 23])
+    data = Dataset.from_frames(_split(), valid)
+    assert data.n_users == 7 and data.n_items == 6
+    assert data.items.titles[3] == "C" and data.items.titles[0] == ""
+    assert data.histories(10)[1] == [3, 5]
+    assert data.histories(1)[1] == [5]
+    assert data.trained_users().tolist() == [False, True, True, False, False, False, False]
+    assert data.trained_items()[[3, 4, 5]].all() and not data.trained_items()[0]
+
+
+def test_sample_is_seeded_and_keeps_order():
+    frame = pd.DataFrame({"x": range(100)})
+    a, b = sample(frame, 10, seed=3), sample(frame, 10, seed=3)
+    assert a["x"].tolist() == b["x"].tolist() == sorted(a["x"].tolist())
+    assert sample(frame, 0, seed=3) is frame
+
+
+def test_yaml_overrides_defaults_and_rejects_unknown_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 5\nstage1:\n  budget: 7\n")
+    cfg = load_config(path, {"stage3.budget": 9})
+    assert (cfg.seed, cfg.stage1.budget, cfg.stage3.budget) == (5, 7, 9)
+    assert (cfg.stage1.lora_r, cfg.stage1.lora_alpha, cfg.stage2.collab_dim) == (8, 16, 256)
+    path.write_text("stage1:\n  budgte: 7\n")
+    with pytest.raises(ValueError, match="budgte"):
+        load_config(path)
+
+
+def test_shipped_config_loads():
+    cfg = load_config(Path(__file__).parents[1] / "training" / "configs" / "ml1m.yaml")
+    assert isinstance(cfg, RunConfig) and cfg.eval.limit >= 3000
+
+
+def test_variants_follow_the_paper_switches():
+    assert not VARIANTS["collm"].align and not VARIANTS["collm"].warm_start
+    assert [s.value for s in VARIANTS["collm"].slots] == ["user", "item"]
+    assert VARIANTS["sellarec"].align and VARIANTS["sellarec"].warm_start
+    assert not VARIANTS["sella-proj"].warm_start and VARIANTS["sella-proj"].align
+    assert [s.value for s in VARIANTS["sella-ui"].slots] == ["warm"]
+    assert not VARIANTS["tallrec"].stage3 and not VARIANTS["zeroshot"].lora and not VARIANTS["mf"].llm

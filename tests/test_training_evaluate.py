@@ -1,0 +1,92 @@
+"""Metrics equal a direct sklearn computation; the CLI evaluates any split file."""
+
+from __future__ import annotations
+
+import json
+
+import factories
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from training.cli import app
+from training.evaluate import metrics
+
+
+def _frame(seed: int = 0, n: int = 200) -> tuple[pd.DataFrame, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        {"uid": rng.integers(0, 12, n), "label": rng.integers(0, 2, n), "not_cold": rng.integers(0, 2, n)}
+    )
+    return frame, rng.normal(size=n) + frame["label"].to_numpy() * 0.5
+
+
+def _uauc(frame: pd.DataFrame, scores: np.ndarray) -> float:
+    aucs = []
+    for u in np.unique(frame["uid"]):
+        m = (frame["uid"] == u).to_numpy()
+        if len(np.unique(frame["label"][m])) == 2:
+            aucs.append(roc_auc_score(frame["label"][m], scores[m]))
+    return float(np.mean(aucs))
+
+
+def test_metrics_equal_sklearn_on_all_warm_and_cold_rows():
+    frame, scores = _frame()
+    got = metrics(frame, scores)
+    assert got["n"] == len(frame)
+    assert np.isclose(got["auc"], roc_auc_score(frame["label"], scores))
+    assert np.isclose(got["uauc"], _uauc(frame, scores))
+    for name, flag in (("warm", 1), ("cold", 0)):
+        m = (frame["not_cold"] == flag).to_numpy()
+        assert np.isclose(got[f"auc_{name}"], roc_auc_score(frame["label"][m], scores[m]))
+        assert np.isclose(got[f"uauc_{name}"], _uauc(frame[m].reset_index(drop=True), scores[m]))
+
+
+def test_one_class_subsets_are_null():
+    frame, scores = _frame(n=40)
+    frame["not_cold"] = 1
+    frame.loc[frame.index[:5], "not_cold"] = 0
+    frame.loc[frame["not_cold"] == 0, "label"] = 1
+    got = metrics(frame, scores)
+    assert got["auc_cold"] is None and got["uauc_cold"] is None
+    assert got["auc_warm"] is not None
+
+
+def test_cli_evaluates_a_split_with_unknown_ids(tmp_path, tiny_bundle_dir):
+    t = factories.TITLES
+    frame = pd.DataFrame(
+        {
+            "uid": [0, 1, 77, 78],
+            "iid": [1, 2, 3, 99],
+            "label": [1, 0, 1, 0],
+            "timestamp": [1, 2, 3, 4],
+            "his": [[0], [0, 1], [0, 5, 6], [0]],
+            "his_title": [[""], ["", t[1]], ["", t[5], t[6]], [""]],
+            "title": [t[1], t[2], t[3], "An Unknown Film (2003)"],
+            "not_cold": [1, 1, 0, 0],
+        }
+    )
+    frame.to_parquet(tmp_path / "split.parquet")
+    out = tmp_path / "metrics.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--artifacts",
+            str(tiny_bundle_dir),
+            "--data",
+            str(tmp_path / "split.parquet"),
+            "--out",
+            str(out),
+            "--limit",
+            "3",
+            "--seed",
+            "1",
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    got = json.loads(out.read_text())
+    assert got["n"] == 3
+    assert {"auc", "uauc", "auc_warm", "auc_cold", "uauc_warm", "uauc_cold"} <= set(got)

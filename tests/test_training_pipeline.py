@@ -1,0 +1,138 @@
+"""End to end on a tiny random Qwen2: every variant trains, caches, evaluates and loads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from model.artifacts import load_bundle
+from model.loader import load_scorer
+from training.config import VARIANTS, load_config
+from training.data import Dataset
+from training.evaluate import evaluate_bundle
+from training.pipeline import Pipeline, run_variant
+from training.synthetic import synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny_data() -> Dataset:
+    return synthetic_dataset()
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tiny_backbone_dir):
+    return load_config(
+        None,
+        {
+            "backbone": str(tiny_backbone_dir),
+            "stage1.budget": 12,
+            "stage1.batch_size": 4,
+            "stage2.collab_dim": 8,
+            "stage2.max_epochs": 3,
+            "stage2.batch_size": 16,
+            "stage3.budget": 8,
+            "stage3.batch_size": 4,
+            "eval.limit": 16,
+            "eval.batch_size": 4,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_cfg, tiny_data):
+    out = tmp_path_factory.mktemp("run")
+    for name in VARIANTS:
+        run_variant(tiny_cfg, name, out, data=tiny_data, progress=False, command=f"test {name}")
+    return out
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_variant_writes_results_with_all_metrics(run_dir, name):
+    result = json.loads((run_dir / "results" / f"{name}.json").read_text())
+    for key in ("n", "auc", "uauc", "auc_warm", "auc_cold", "uauc_warm", "uauc_cold"):
+        assert key in result["valid"]
+    assert result["valid"]["n"] == 16
+
+
+def test_stages_are_shared_between_variants(run_dir):
+    names = sorted(
+        p.name.rsplit("-", 1)[0] for p in (run_dir / "stages").iterdir() if not p.name.startswith(".")
+    )
+    assert names.count("stage1") == 1
+    assert names.count("distill") == 1
+    assert names.count("stage2-align") == 1 and names.count("stage2-mf") == 1
+
+
+def test_cached_stages_are_skipped_on_rerun(run_dir, tiny_cfg, tiny_data, monkeypatch):
+    import training.pipeline as pipeline
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached stage ran again")
+
+    for fn in ("train_stage1", "distill_items", "train_stage2", "train_stage3", "evaluate_bundle"):
+        monkeypatch.setattr(pipeline, fn, fail)
+    run_variant(tiny_cfg, "sellarec", run_dir, data=tiny_data, progress=False)
+
+
+def test_changed_budget_builds_a_new_stage(run_dir, tiny_cfg, tiny_data):
+    cfg = load_config(None, {"backbone": tiny_cfg.backbone, "stage1.budget": 6, "stage1.batch_size": 4})
+    Pipeline(cfg, run_dir, tiny_data, progress=False).stage1()
+    assert len(list((run_dir / "stages").glob("stage1-*"))) == 2
+
+
+@pytest.mark.parametrize("name", ["sellarec", "collm", "sella-ui", "tallrec", "zeroshot"])
+def test_llm_bundles_load_in_the_service_loader(run_dir, name):
+    result = json.loads((run_dir / "results" / f"{name}.json").read_text())
+    loaded = load_scorer(result["bundle"])
+    assert loaded.bundle.manifest.variant == name
+    has_warm = name in {"sellarec", "sella-ui"}
+    assert (loaded.scorer.proj_w is not None) == has_warm
+
+
+def test_mf_bundle_has_no_llm_and_scores_by_dot_product(run_dir, tiny_data):
+    result = json.loads((run_dir / "results" / "mf.json").read_text())
+    bundle = load_bundle(result["bundle"])
+    assert bundle.manifest.backbone is None and bundle.manifest.template is None
+    frame = tiny_data.valid.head(5)
+    _, scores = evaluate_bundle(result["bundle"], frame, progress=False)
+    users, items = bundle.tensors["mf.users"], bundle.tensors["mf.items"]
+    expected = [float(users[u] @ items[i]) for u, i in zip(frame["uid"], frame["iid"], strict=True)]
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mf", "sellarec", "tallrec"])
+def test_unknown_users_and_items_score_with_neutral_vectors(run_dir, tiny_data, name):
+    result = json.loads((run_dir / "results" / f"{name}.json").read_text())
+    frame = tiny_data.valid.head(6).copy()
+    frame.loc[:2, "uid"] = [900, 901, 902]
+    frame.loc[3:, "iid"] = [800, 801, 802]
+    frame["not_cold"] = 0
+    metrics, scores = evaluate_bundle(result["bundle"], frame, progress=False)
+    assert np.isfinite(scores).all() and metrics["n"] == 6
+
+
+def test_trained_tables_move_in_stage3(run_dir):
+    result = json.loads((run_dir / "results" / "sellarec.json").read_text())
+    bundle = load_bundle(result["bundle"])
+    stage2 = next((run_dir / "stages").glob("stage2-align-*"))
+    from safetensors.torch import load_file
+
+    before = load_file(stage2 / "collab.safetensors")
+    assert not torch.allclose(before["proj_c.net.0.weight"], bundle.tensors["proj_c.net.0.weight"])
+
+
+def test_report_writes_the_table_bootstrap_and_figure(run_dir, tmp_path):
+    from training.report import LABELS, paired_bootstrap, write_report
+
+    doc = write_report(run_dir, tmp_path / "results.md", tmp_path / "figures", resamples=20)
+    text = doc.read_text()
+    for label in LABELS.values():
+        assert label in text
+    assert "SeLLa-Rec - CoLLM" in text and "not yet run" not in text
+    assert (tmp_path / "figures" / "fig7_cosine_ml1m.png").stat().st_size > 0
+    result = json.loads((run_dir / "results" / "sellarec.json").read_text())
+    same = paired_bootstrap(result, result, resamples=10)
+    assert same["auc"]["diff"] == 0 and same["auc"]["low"] == same["auc"]["high"] == 0

@@ -1,0 +1,110 @@
+"""Stage 3's no-grad prefix is an optimisation only: same loss, same gradients as the plain path."""
+
+from __future__ import annotations
+
+import factories
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from model.backbone import load_backbone
+from model.collab import CollabProjector, SemanticProjector
+from model.prompts import ALL_SLOTS, Slot, TemplateSpec
+from model.sella import SellaRec
+from training.batches import row_prompts, split_before_first_slot
+from training.stage3 import SoftInputTables, split_loss
+
+
+def _setup(tiny_backbone_dir, slots=ALL_SLOTS):
+    torch.manual_seed(0)
+    model, tok, info = load_backbone(str(tiny_backbone_dir))
+    spec = TemplateSpec(slots=slots)
+    scorer = SellaRec(
+        model,
+        tok,
+        spec,
+        proj_c=CollabProjector(8, info.hidden_size),
+        proj_w=SemanticProjector(info.hidden_size),
+    )
+    tables = SoftInputTables(torch.randn(5, 8), torch.randn(10, 8), torch.randn(10, info.hidden_size))
+    t = factories.TITLES
+    frame = pd.DataFrame(
+        {
+            "uid": [1, 1, 2, 3],
+            "iid": [2, 3, 4, 5],
+            "label": [1, 0, 1, 0],
+            "his_title": [[t[0], t[1]], [t[0], t[1]], [], [t[6], t[7], t[8]]],
+            "title": [t[2], t[3], t[4], t[5]],
+        }
+    )
+    return scorer, tables, frame
+
+
+def _grads(params):
+    return [p.grad.clone() for p in params]
+
+
+def test_prefix_without_grad_gives_the_plain_loss_and_gradients(tiny_backbone_dir):
+    scorer, tables, frame = _setup(tiny_backbone_dir)
+    params = [*tables.parameters(), *scorer.proj_c.parameters(), *scorer.proj_w.parameters()]
+    uids, iids = torch.tensor(frame["uid"].to_numpy()), torch.tensor(frame["iid"].to_numpy())
+    labels = torch.tensor(frame["label"].to_numpy(), dtype=torch.float32)
+    prompts = row_prompts(scorer.spec, frame)
+
+    plain = F.binary_cross_entropy_with_logits(
+        scorer.score([scorer.encoder.prompt(p) for p in prompts], tables.vectors(scorer, uids, iids)), labels
+    )
+    plain.backward()
+    expected = _grads(params)
+    for p in params:
+        p.grad = None
+
+    pieces = [split_before_first_slot(scorer.encoder, p) for p in prompts]
+    split = split_loss(scorer, tables, [h for h, _ in pieces], [t for _, t in pieces], uids, iids, labels)
+    split.backward()
+    assert torch.allclose(plain, split, atol=1e-5)
+    for g_plain, g_split in zip(expected, _grads(params), strict=True):
+        assert torch.allclose(g_plain, g_split, atol=1e-5, rtol=1e-4)
+
+
+def test_split_prompt_concatenates_to_the_whole_prompt(tiny_backbone_dir):
+    scorer, _, frame = _setup(tiny_backbone_dir, slots=(Slot.WARM,))
+    for prompt in row_prompts(scorer.spec, frame):
+        head, tail = split_before_first_slot(scorer.encoder, prompt)
+        assert not head.slots and (head + tail) == scorer.encoder.prompt(prompt)
+
+
+def test_shared_instruction_head_gives_the_plain_scores(tiny_backbone_dir):
+    from training.batches import prefix_groups
+    from training.prefix import SharedHead
+
+    scorer, tables, frame = _setup(tiny_backbone_dir)
+    uids, iids = torch.tensor(frame["uid"].to_numpy()), torch.tensor(frame["iid"].to_numpy())
+    prompts = row_prompts(scorer.spec, frame)
+    vectors = tables.vectors(scorer, uids, iids).detach()
+    with torch.no_grad():
+        plain = scorer.score([scorer.encoder.prompt(p) for p in prompts], vectors)
+        groups, suffixes = prefix_groups(scorer.encoder, prompts, frame["uid"].tolist())
+        head = SharedHead(scorer, [g.prefix for g in groups])
+        assert head.length > 10
+        firsts = [g.rows[0] for g in groups]
+        state = head.run([g.prefix for g in groups], vectors[firsts])
+        rows = [r for g in groups for r in g.rows]
+        owner = torch.tensor([k for k, g in enumerate(groups) for _ in g.rows])
+        shared = scorer.score_suffixes(state, owner, [suffixes[r] for r in rows], vectors[rows])
+    assert torch.allclose(plain[rows], shared, atol=1e-4)
+    assert len(groups) == 3  # rows 0 and 1 share user 1's prefix
+
+
+def test_shared_head_in_split_loss_gives_the_same_loss(tiny_backbone_dir):
+    from training.prefix import SharedHead
+
+    scorer, tables, frame = _setup(tiny_backbone_dir)
+    uids, iids = torch.tensor(frame["uid"].to_numpy()), torch.tensor(frame["iid"].to_numpy())
+    labels = torch.tensor(frame["label"].to_numpy(), dtype=torch.float32)
+    pieces = [split_before_first_slot(scorer.encoder, p) for p in row_prompts(scorer.spec, frame)]
+    heads, tails = [h for h, _ in pieces], [t for _, t in pieces]
+    with torch.no_grad():
+        a = split_loss(scorer, tables, heads, tails, uids, iids, labels)
+        b = split_loss(scorer, tables, heads, tails, uids, iids, labels, SharedHead(scorer, heads))
+    assert torch.allclose(a, b, atol=1e-5)

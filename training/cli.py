@@ -1,0 +1,126 @@
+"""`sellarec-train`: run a variant, evaluate a bundle on a split, build the results report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from training.config import VARIANTS, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and evaluate SeLLa-Rec variants.")
+
+
+def setup_logging(log_file: Path | None) -> None:
+    """Log to stderr and, when given, to `log_file` (appended)."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(message)s", handlers=handlers, force=True
+    )
+
+
+@app.command()
+def run(
+    variants: Annotated[list[str], typer.Argument(help=f"Variants, in order: {', '.join(VARIANTS)}")],
+    config: Annotated[Path, typer.Option(help="YAML configuration")] = Path("training/configs/ml1m.yaml"),
+    out: Annotated[Path, typer.Option(help="Output directory (stage caches, bundles, results)")] = Path(
+        "runs/ml1m"
+    ),
+    stage1_budget: Annotated[int | None, typer.Option(help="Stage-1 training rows")] = None,
+    stage3_budget: Annotated[int | None, typer.Option(help="Stage-3 training rows per variant")] = None,
+    eval_limit: Annotated[int | None, typer.Option(help="Validation rows evaluated (seeded sample)")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of sampling and initialisation")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone spec")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+    progress: Annotated[bool, typer.Option(help="tqdm progress bars")] = True,
+    evaluate: Annotated[bool, typer.Option(help="Evaluate on the validation sample")] = True,
+) -> None:
+    """Train (or reuse cached stages of) each variant, evaluate it on validation, write results."""
+    from training.pipeline import run_variant
+
+    overrides = {
+        k: v
+        for k, v in {
+            "stage1.budget": stage1_budget,
+            "stage3.budget": stage3_budget,
+            "eval.limit": eval_limit,
+            "seed": seed,
+            "backbone": backbone,
+            "threads": threads,
+        }.items()
+        if v is not None
+    }
+    cfg = load_config(config, overrides)
+    # `kill` ends a run like Ctrl-C: half-built stage directories are removed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    setup_logging(out / "train.log")
+    command = shlex.join(["sellarec-train", *sys.argv[1:]])
+    for name in variants:
+        result = run_variant(cfg, name, out, progress=progress, command=command, evaluate=evaluate)
+        metrics = result.get("valid", {})
+        typer.echo(json.dumps({"variant": name, **{k: metrics.get(k) for k in ("auc", "uauc")}}))
+
+
+@app.command()
+def evaluate(
+    artifacts: Annotated[Path, typer.Option(help="Bundle directory")],
+    data: Annotated[Path, typer.Option(help="Split in the CoLLM format (parquet)")],
+    out: Annotated[Path, typer.Option(help="Metrics JSON to write")],
+    limit: Annotated[int, typer.Option(help="Seeded sample of this many rows (0: all)")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the sample")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Rows per forward")] = 16,
+    progress: Annotated[bool, typer.Option(help="tqdm progress bar")] = True,
+) -> None:
+    """Score a split with a bundle of any variant; write n, auc, uauc and their warm/cold parts."""
+    from training.data import load_split, sample
+    from training.evaluate import evaluate_bundle
+
+    setup_logging(None)
+    frame = sample(load_split(data), limit, seed)
+    result, _ = evaluate_bundle(artifacts, frame, batch_size, progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    typer.echo(json.dumps(result))
+
+
+@app.command()
+def report(
+    runs: Annotated[Path, typer.Option(help="Run directory of `sellarec-train run`")] = Path("runs/ml1m"),
+    doc: Annotated[Path, typer.Option(help="Markdown to write")] = Path("docs/results.md"),
+    figures: Annotated[Path, typer.Option(help="Figure directory")] = Path("docs/figures"),
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples")] = 2000,
+) -> None:
+    """Build the results table, the paired bootstrap and the Fig. 7 plot from a run directory."""
+    from training.report import write_report
+
+    typer.echo(write_report(runs, doc, figures, resamples))
+
+
+@app.command(name="build-data")
+def build_data(
+    source: Annotated[str, typer.Argument(help="ml1m or amazon-book")],
+    out: Annotated[Path, typer.Option(help="Directory for {train,valid,test,items}.parquet")],
+    raw: Annotated[Path | None, typer.Option(help="ML-1M: directory with ratings.dat and movies.dat")] = None,
+    reviews: Annotated[Path | None, typer.Option(help="Amazon: Books_5.json.gz")] = None,
+    metadata: Annotated[Path | None, typer.Option(help="Amazon: meta_Books.json.gz")] = None,
+) -> None:
+    """Build CoLLM-format splits from the raw MovieLens-1M or Amazon-Book 2018 files."""
+    from training.raw import build_amazon_book, build_ml1m
+
+    if source == "ml1m" and raw is not None:
+        built = build_ml1m(raw)
+    elif source == "amazon-book" and reviews is not None and metadata is not None:
+        built = build_amazon_book(reviews, metadata)
+    else:
+        raise typer.BadParameter("ml1m needs --raw; amazon-book needs --reviews and --metadata")
+    built.write(out)
+    typer.echo(json.dumps({k: len(v) for k, v in built.splits.items()}))

@@ -1,0 +1,223 @@
+"""Run configuration: dataclasses whose defaults are the paper's, loaded from one YAML file.
+
+Where the paper gives no value, the default is ours and says so in its field comment
+("choice"). A variant (MF, TALLRec, CoLLM, SeLLa-Rec and its ablations) is a set of
+switches over the same stages, see `VARIANTS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.collab import DEFAULT_COLLAB_DIM
+from model.lora import LoraSettings
+from model.prompts import ALL_SLOTS, DEFAULT_ANSWER_CUE, HISTORY_LENGTH, Slot
+
+
+@dataclass
+class DataConfig:
+    """Where the CoLLM-format splits are."""
+
+    #: Training split (parquet, CoLLM columns).
+    train: str = "/work/shared/data/ml-1m/train.parquet"
+    #: Validation split: early stopping of stage 2 and the reported table.
+    valid: str = "/work/shared/data/ml-1m/valid.parquet"
+    #: Dataset name recorded in manifests.
+    name: str = "ml-1m"
+    #: Item domain of the prompt wording ("movie" or "book").
+    domain: str = "movie"
+
+
+@dataclass
+class PromptConfig:
+    """The prompt decision (recorded in every manifest)."""
+
+    #: Text between the template and the answer (choice: the paper does not show one).
+    answer_cue: str = DEFAULT_ANSWER_CUE
+    #: Liked items listed in the prompt (paper: the last 10).
+    history_length: int = HISTORY_LENGTH
+
+
+@dataclass
+class Stage1Config:
+    """Stage 1: LoRA on the text-only prompt, BCE on P(Yes) (paper Eq. 5)."""
+
+    #: LoRA rank (paper: 8).
+    lora_r: int = 8
+    #: LoRA alpha (paper: 16).
+    lora_alpha: int = 16
+    #: LoRA dropout (choice, TALLRec's 0.05).
+    lora_dropout: float = 0.05
+    #: Adapted modules (paper: q_proj, v_proj).
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    #: AdamW learning rate (paper: 1e-4).
+    lr: float = 1e-4
+    #: Rows per optimiser step (choice; the paper's effective batch is larger).
+    batch_size: int = 8
+    #: Training rows drawn (seeded) from the train split; 0 or less means all of it.
+    budget: int = 0
+    #: Passes over the drawn rows.
+    epochs: int = 1
+
+    def lora(self) -> LoraSettings:
+        return LoraSettings(
+            r=self.lora_r,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            target_modules=list(self.target_modules),
+        )
+
+
+@dataclass
+class DistillConfig:
+    """Distillation of E_I^L with the stage-1 LoRA on (paper Fig. 3)."""
+
+    #: Titles per forward batch.
+    batch_size: int = 64
+
+
+@dataclass
+class Stage2Config:
+    """Stage 2: MF + lambda * InfoNCE (paper Eq. 8), early stopping on validation AUC."""
+
+    #: Collaborative dimension d_C (paper: 256).
+    collab_dim: int = DEFAULT_COLLAB_DIM
+    #: Adam learning rate of MF and Proj C->L (choice, CoLLM's MF uses 1e-3).
+    lr: float = 1e-3
+    #: Weight decay (choice, CoLLM's MF uses 1e-4... applied as L2 through Adam).
+    weight_decay: float = 1e-4
+    #: Interactions per step (choice).
+    batch_size: int = 1024
+    #: Weight lambda of the alignment loss (choice; the paper tunes it).
+    align_weight: float = 0.1
+    #: InfoNCE temperature tau (choice).
+    temperature: float = 0.1
+    #: Maximum epochs.
+    max_epochs: int = 200
+    #: Epochs without a better validation AUC before stopping.
+    patience: int = 10
+
+
+@dataclass
+class Stage3Config:
+    """Stage 3: frozen LLM + LoRA; MF tables, semantic table and both projections trained (Eq. 11)."""
+
+    #: AdamW learning rate (choice, CoLLM's 1e-4 scaled up for small budgets in the YAML).
+    lr: float = 1e-4
+    #: Weight decay of the projections (choice; none on the embedding tables).
+    weight_decay: float = 1e-3
+    #: Rows per optimiser step.
+    batch_size: int = 8
+    #: Training rows drawn (seeded) from the train split; 0 or less means all of it.
+    budget: int = 0
+    #: Passes over the drawn rows.
+    epochs: int = 1
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of each variant on the validation split."""
+
+    #: Rows scored per forward (prefix groups are packed up to this many rows).
+    batch_size: int = 16
+    #: Validation rows drawn with `seed`; 0 or less means all of them.
+    limit: int = 0
+    #: Seed of the validation sample (shared by every variant).
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    """Everything a `sellarec-train run` needs."""
+
+    #: Backbone spec (alias, path or hub id).
+    backbone: str = "smollm2-135m-instruct"
+    #: Seed of sampling and initialisation.
+    seed: int = 0
+    #: torch intra-op threads (0: leave torch's default).
+    threads: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    stage3: Stage3Config = field(default_factory=Stage3Config)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Switches that turn the shared stages into one of the paper's methods."""
+
+    #: Name used on the command line and in manifests.
+    name: str
+    #: Train the LoRA (stage 1) and use it.
+    lora: bool = True
+    #: Score with the LLM (False: MF dot product).
+    llm: bool = True
+    #: Run stage 3 (False: the stage-1 prompt is the model).
+    stage3: bool = True
+    #: Stage 2 with the alignment loss.
+    align: bool = True
+    #: Warm-start Proj C->L from stage 2 (False: random init).
+    warm_start: bool = True
+    #: Slots of the stage-3 prompt.
+    slots: tuple[Slot, ...] = ALL_SLOTS
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        Variant("mf", lora=False, llm=False, stage3=False, align=False, warm_start=False, slots=()),
+        Variant("zeroshot", lora=False, stage3=False, align=False, warm_start=False, slots=()),
+        Variant("tallrec", stage3=False, align=False, warm_start=False, slots=()),
+        Variant("collm", align=False, warm_start=False, slots=(Slot.USER, Slot.ITEM)),
+        Variant("sellarec"),
+        Variant("sella-proj", warm_start=False),
+        Variant("sella-warm", slots=(Slot.USER, Slot.ITEM)),
+        Variant("sella-ui", slots=(Slot.WARM,)),
+    ]
+}
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        sub = known[name].default_factory if known[name].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            value = _build(sub, value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML file into RunConfig; `overrides` use dotted keys ("stage1.budget")."""
+    raw: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {} if path else {}
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return _build(RunConfig, raw)
+
+
+def fingerprint(*parts: Any) -> str:
+    """Short stable hash of config pieces: the cache key of a stage."""
+    blob = json.dumps(
+        [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]

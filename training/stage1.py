@@ -1,0 +1,112 @@
+"""Stage 1 (LoRA on the text-only prompt, Eq. 5) and the distillation of E_I^L (Fig. 3)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from model.backbone import load_backbone
+from model.lora import attach_lora, load_lora, merge
+from model.prompts import TemplateSpec
+from model.sella import SellaRec
+from training.batches import row_prompts, training_batches
+from training.config import Stage1Config
+from training.distributed import shard, sum_gradients, total, world
+
+log = logging.getLogger("sellarec.train")
+
+
+def train_stage1(
+    backbone: str,
+    spec: TemplateSpec,
+    train: pd.DataFrame,
+    cfg: Stage1Config,
+    seed: int,
+    out: Path,
+    progress: bool = True,
+) -> dict:
+    """Fit the LoRA by BCE on P(Yes) of the stage-1 prompt; save it under out/adapter."""
+    w = world()
+    torch.manual_seed(seed)
+    model, tokenizer, _ = load_backbone(backbone)
+    peft_model = attach_lora(model, cfg.lora())
+    peft_model.train()
+    scorer = SellaRec(peft_model, tokenizer, spec)
+    encoded = [scorer.encoder.prompt(p) for p in row_prompts(spec, train)]
+    labels = torch.tensor(train["label"].to_numpy(), dtype=torch.float32)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    losses: list[float] = []
+    start = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        batches = training_batches([len(e) for e in encoded], cfg.batch_size, rng)
+        bar = tqdm(batches, desc=f"stage1 epoch {epoch}", disable=not progress, unit="batch")
+        for batch in bar:
+            # Eq. 5, as a sum over this process's rows / the global batch (see distributed.py).
+            local = shard(batch, w)
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.zeros(())
+            if local:
+                logits = scorer.score([encoded[i] for i in local])
+                loss = F.binary_cross_entropy_with_logits(logits, labels[local], reduction="sum") / len(batch)
+                loss.backward()
+            sum_gradients(params, w)
+            optimizer.step()
+            losses.append(total(loss.item(), w))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    seconds = time.perf_counter() - start
+    if w.main:
+        peft_model.save_pretrained(out / "adapter", safe_serialization=True)
+    log.info(
+        "stage1: %d rows, %.1fs (%.2f rows/s), last-20 loss %.4f",
+        len(train),
+        seconds,
+        len(train) * cfg.epochs / max(seconds, 1e-9),
+        float(np.mean(losses[-20:] or [0.0])),
+    )
+    return {
+        "rows": len(train),
+        "seconds": seconds,
+        "loss_first": losses[0] if losses else None,
+        "loss_last20": float(np.mean(losses[-20:])) if losses else None,
+    }
+
+
+def distill_items(
+    backbone: str,
+    adapter: Path,
+    spec: TemplateSpec,
+    titles: list[str],
+    batch_size: int,
+    out: Path,
+    progress: bool = True,
+) -> dict:
+    """E_I^L for every item id (with the stage-1 LoRA on), saved as semantic.safetensors."""
+    model, tokenizer, _ = load_backbone(backbone)
+    model = merge(load_lora(model, adapter))  # identical outputs, no adapter overhead
+    scorer = SellaRec(model, tokenizer, spec)
+    start = time.perf_counter()
+    # Short titles first: batches pad little; the result is put back in id order.
+    order = np.argsort([len(t) for t in titles], kind="stable")
+    chunks = []
+    bar = tqdm(range(0, len(titles), batch_size), desc="distill", disable=not progress, unit="batch")
+    with torch.inference_mode():
+        for s in bar:
+            chunks.append(
+                scorer.distill([titles[i] for i in order[s : s + batch_size]], batch_size=batch_size)
+            )
+    table = torch.empty(len(titles), scorer.llm_dim)
+    table[torch.as_tensor(order)] = torch.cat(chunks)
+    seconds = time.perf_counter() - start
+    save_file({"semantic.items": table.contiguous()}, out / "semantic.safetensors")
+    log.info("distill: %d items, %.1fs", len(titles), seconds)
+    return {"items": len(titles), "seconds": seconds}
