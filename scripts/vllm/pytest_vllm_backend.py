@@ -3,12 +3,14 @@
     PYTHONPATH=scripts/vllm .venv/bin/pytest -p pytest_vllm_backend \\
         tests/test_service_engine.py tests/test_service_api.py tests/test_service_store.py
 
-Until `Settings.backend` accepts "vllm" (and `service.app.make_backend` builds it), this
-plugin swaps `make_backend` for one that returns the session's shared vLLM backend, so
-every app a test starts scores through vLLM with the engine started once. It also gives
+`SELLAREC_BACKEND=vllm` alone would stop the engine whenever the last app that holds it
+shuts down, and these suites start dozens of apps; this plugin swaps
+`service.app.make_backend` for one that returns the session's shared vLLM backend with an
+extra holder, so every app a test starts scores through vLLM and the engine starts once
+(the same function the setting uses, `shared_vllm_backend`). It also gives
 the tests' tiny Qwen2 two heads of 32 instead of four of 16 (same width d_L = 64): vLLM's
 CPU attention kernels take head sizes from 32 up. Tests that start `sellarec-serve` in a
-subprocess are out of its reach (they need the setting).
+subprocess are out of its reach (start those with `--backend vllm`).
 """
 
 from __future__ import annotations
