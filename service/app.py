@@ -152,6 +152,7 @@ def create_app(
             max_queue=settings.max_queue,
             max_batch_tokens=settings.max_batch_tokens,
             batch_wait_s=settings.batch_wait_ms / 1000,
+            max_batch_requests=settings.max_batch_requests,
         )
         engine = Engine(
             scorer.spec,

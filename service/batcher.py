@@ -2,7 +2,8 @@
 
 An entry carries its payload, a future for its result and the time it was queued. One
 background task forms batches: it takes the oldest entry, then keeps taking entries
-while the batch stays within `max_batch_tokens`, waiting at most `batch_wait_s` for more,
+while the batch stays within `max_batch_tokens` (and `max_batch_requests`, when set),
+waiting at most `batch_wait_s` for more,
 and runs the batch on the single model thread (so the event loop stays free). A full
 queue refuses at once (429 with Retry-After) instead of growing without bound.
 """
@@ -56,12 +57,16 @@ class Batcher(Generic[P, R]):
         max_queue: int = 64,
         max_batch_tokens: int = 8192,
         batch_wait_s: float = 0.002,
+        max_batch_requests: int | None = None,
     ) -> None:
         self.runner = runner
         self.metrics = metrics
         self.max_queue = max_queue
         self.max_batch_tokens = max_batch_tokens
         self.batch_wait_s = batch_wait_s
+        # Where the model is compute-bound (CPU), merging requests buys no throughput and
+        # makes each wait for the others: one request per batch gives the shorter tail.
+        self.max_batch_requests = max_batch_requests or math.inf
         self._pending: deque[Entry[P, R]] = deque()
         self._arrived = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sellarec-model")
@@ -116,7 +121,8 @@ class Batcher(Generic[P, R]):
             if entry.future.done():  # the client went away
                 self._pending.popleft()
                 continue
-            if batch and tokens + entry.cost > self.max_batch_tokens:
+            full = tokens + entry.cost > self.max_batch_tokens or len(batch) >= self.max_batch_requests
+            if batch and full:
                 break
             batch.append(self._pending.popleft())
             tokens += entry.cost
@@ -127,7 +133,12 @@ class Batcher(Generic[P, R]):
         batch: list[Entry[P, R]] = []
         tokens = self._take(batch, 0)
         deadline = time.monotonic() + self.batch_wait_s
-        while batch and tokens < self.max_batch_tokens and not self._pending:
+        while (
+            batch
+            and tokens < self.max_batch_tokens
+            and len(batch) < self.max_batch_requests
+            and not self._pending
+        ):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     """Most requests waiting for the model; one more answers 429 with Retry-After."""
     batch_wait_ms: float = Field(2.0, ge=0)
     """How long the micro-batcher waits for more requests once it holds one."""
+    max_batch_requests: int = Field(0, ge=0)
+    """Most requests one batch may merge; 0: no limit beyond the token budget (1 suits a CPU)."""
     max_batch_tokens: int = Field(8192, ge=64)
     """Token budget of a batch and of each forward call (prefix and suffix positions)."""
     max_body_bytes: int = Field(1 << 20, ge=1024)

@@ -52,6 +52,18 @@ async def test_a_batch_never_exceeds_the_token_budget_but_always_takes_one_reque
     await batcher.drain()
 
 
+async def test_a_request_cap_keeps_requests_that_fit_the_budget_in_separate_batches():
+    runner = Recorder()
+    runner.gate.clear()  # all three are queued before the first batch runs
+    batcher = make(runner, max_batch_tokens=100, batch_wait_s=0.2, max_batch_requests=2)
+    futures = [batcher.submit(p, cost=10, size=1) for p in ("a", "b", "c")]
+    await asyncio.sleep(0.05)
+    runner.gate.set()
+    assert await asyncio.gather(*futures) == ["A", "B", "C"]
+    assert runner.batches == [["a", "b"], ["c"]]
+    await batcher.drain()
+
+
 async def test_the_wait_bound_limits_how_long_a_lone_request_waits():
     runner = Recorder()
     batcher = make(runner, max_batch_tokens=1000, batch_wait_s=0.05)

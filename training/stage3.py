@@ -99,9 +99,9 @@ def train_stage3(
     """Fit tables + projections on `train` (one pass per epoch, length-bucketed batches)."""
     encoder = scorer.encoder
     pieces = [split_before_first_slot(encoder, p) for p in row_prompts(scorer.spec, train)]
-    uids = torch.as_tensor(train["uid"].to_numpy(), dtype=torch.long)
-    iids = torch.as_tensor(train["iid"].to_numpy(), dtype=torch.long)
-    labels = torch.as_tensor(train["label"].to_numpy(), dtype=torch.float32)
+    uids = torch.as_tensor(train["uid"].to_numpy(copy=True), dtype=torch.long)
+    iids = torch.as_tensor(train["iid"].to_numpy(copy=True), dtype=torch.long)
+    labels = torch.as_tensor(train["label"].to_numpy(copy=True), dtype=torch.float32)
     projections = [p for p in (scorer.proj_c, scorer.proj_w) if p is not None]
     groups = [
         {"params": [p for p in tables.parameters()], "weight_decay": 0.0},
