@@ -18,6 +18,7 @@ from functools import partial
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
@@ -115,6 +116,30 @@ async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
     return _error(request, err.status_code, kind, str(err.detail), headers=getattr(err, "headers", None))
 
 
+def _openapi(app: FastAPI, settings: Settings) -> dict:
+    """The schema, declaring the bearer token only on the routes that this server guards.
+
+    The routes always take an optional token (one app serves either way); a client or a
+    schema-driven fuzzer must not be told that a server without a token wants one.
+    """
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, summary=app.summary, routes=app.routes
+        )
+        guarded = set() if settings.api_token is None else {"/score", "/rerank"}
+        if settings.api_token is not None and settings.protect_metrics:
+            guarded.add("/metrics")
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                if path not in guarded:
+                    operation.pop("security", None)
+                    operation.get("responses", {}).pop("401", None)
+        if not guarded:
+            schema.get("components", {}).pop("securitySchemes", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def create_app(
     settings: Settings | None = None, *, loaded: LoadedModel | None = None, store: Store | None = None
 ) -> FastAPI:
@@ -197,6 +222,7 @@ def create_app(
     )
     app.state.metrics = metrics
     app.include_router(router)
+    app.openapi = partial(_openapi, app, settings)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -105,7 +106,13 @@ async def readyz(engine: Engine = Depends(engine)) -> Health:
     return Health(status="ready", model=await engine.ready())
 
 
-@router.get("/metrics", dependencies=[Depends(authorize_metrics)], tags=["operations"])
+@router.get(
+    "/metrics",
+    dependencies=[Depends(authorize_metrics)],
+    tags=["operations"],
+    response_class=PlainTextResponse,
+    responses={401: _ERRORS[401]},
+)
 async def metrics(request: Request) -> Response:
     """Prometheus metrics (text exposition format)."""
     registry = request.app.state.runtime.metrics.registry

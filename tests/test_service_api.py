@@ -287,6 +287,29 @@ async def test_openapi_documents_every_endpoint_and_field(tiny_bundle_dir):
     assert "413" in schema["paths"]["/score"]["post"]["responses"]
 
 
+@pytest.mark.parametrize(
+    ("settings", "guarded"),
+    [
+        ({}, set()),
+        ({"api_token": "s3cret"}, {"/score", "/rerank"}),
+        ({"api_token": "s3cret", "protect_metrics": True}, {"/score", "/rerank", "/metrics"}),
+    ],
+    ids=["open", "token", "token-and-metrics"],
+)
+async def test_openapi_declares_the_bearer_token_only_where_the_server_wants_it(
+    tiny_bundle_dir, settings, guarded
+):
+    async with serving(tiny_bundle_dir, quick_settings(**settings)) as (client, _):
+        schema = (await client.get("/openapi.json")).json()
+    declared = {
+        path for path, ops in schema["paths"].items() if any(op.get("security") for op in ops.values())
+    }
+    assert declared == guarded
+    assert ("securitySchemes" in schema.get("components", {})) == bool(guarded)
+    metrics_200 = schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics_200) == ["text/plain"]
+
+
 async def test_a_model_failure_answers_500_in_the_envelope_and_the_server_goes_on(tiny_bundle_dir):
     async with serving(tiny_bundle_dir) as (client, app):
         batcher = app.state.runtime.engine.batcher
