@@ -26,6 +26,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import typer
@@ -35,7 +36,10 @@ from rich.table import Table
 from model.backbone import SMOLLM2_ALIAS, load_backbone, load_tokenizer, random_backbone, resolve
 from model.prompts import TemplateSpec, item_prompt, scoring_prompt, user_prompt
 from model.sella import SellaRec
-from service.backend import Backend, TorchBackend
+from service.backend import TorchBackend
+
+if TYPE_CHECKING:  # vLLM is optional: imported only when --vllm asks for it
+    from service.vllm_backend import VllmBackend
 
 #: Architecture sizes of the paper's family, for random-weight speed runs.
 ARCHES: dict[str, dict[str, int]] = {
@@ -207,7 +211,7 @@ def build_scorer(arch: str, device: str, dtype: torch.dtype) -> SellaRec:
     return scorer.to(device)
 
 
-def vllm_peer(scorer: SellaRec, arch: str, max_batch_tokens: int, work: Path) -> Backend:
+def vllm_peer(scorer: SellaRec, arch: str, max_batch_tokens: int, work: Path) -> VllmBackend:
     """vLLM on the scorer's own backbone (its directory, or the random weights saved to `work`)."""
     from service.vllm_backend import VllmBackend, VllmOptions
 
@@ -228,7 +232,7 @@ def run_case(
     naive: bool,
     naive_batch: int,
     flops: float,
-    peer: Backend | None = None,
+    peer: VllmBackend | None = None,
 ) -> Case:
     device = scorer.device
     history = titles(10, seed=1)
