@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from model.loader import LoadedModel, load_scorer
@@ -31,7 +32,7 @@ from service.jobs import Job, JobResult, run_jobs
 from service.metrics import Metrics
 from service.middleware import Guard
 from service.redis_store import RedisStore
-from service.routes import router
+from service.routes import authorize, authorize_metrics, router
 from service.settings import Settings
 from service.store import InMemoryStore, Store
 from service.tracker import VersionTracker
@@ -126,9 +127,14 @@ def _openapi(app: FastAPI, settings: Settings) -> dict:
         schema = get_openapi(
             title=app.title, version=app.version, summary=app.summary, routes=app.routes
         )
-        guarded = set() if settings.api_token is None else {"/score", "/rerank"}
-        if settings.api_token is not None and settings.protect_metrics:
-            guarded.add("/metrics")
+        guarded = set()
+        if settings.api_token is not None:  # the routes whose dependencies check the token
+            checks = {authorize, authorize_metrics} if settings.protect_metrics else {authorize}
+            guarded = {
+                route.path
+                for route in app.routes
+                if isinstance(route, APIRoute) and any(d.call in checks for d in route.dependant.dependencies)
+            }
         for path, operations in schema["paths"].items():
             for operation in operations.values():
                 if path not in guarded:
