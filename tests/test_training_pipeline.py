@@ -136,3 +136,44 @@ def test_report_writes_the_table_bootstrap_and_figure(run_dir, tmp_path):
     result = json.loads((run_dir / "results" / "sellarec.json").read_text())
     same = paired_bootstrap(result, result, resamples=10)
     assert same["auc"]["diff"] == 0 and same["auc"]["low"] == same["auc"]["high"] == 0
+
+
+def test_soft_token_scale_is_the_norm_of_what_the_served_model_splices_in(run_dir):
+    from training.diagnostics import token_scale
+
+    result = json.loads((run_dir / "results" / "sellarec.json").read_text())
+    loaded = load_scorer(result["bundle"])
+    t = loaded.bundle.tensors
+    scale = token_scale(t)
+    with torch.no_grad():
+        users = loaded.scorer.proj_c(t["mf.users"]).norm(dim=-1).median()
+        items = loaded.scorer.proj_c(t["mf.items"]).norm(dim=-1).median()
+        warm = loaded.scorer.proj_w(t["semantic.items"]).norm(dim=-1).median()
+    assert scale.user == pytest.approx(float(users), rel=1e-5)
+    assert scale.item == pytest.approx(float(items), rel=1e-5)
+    assert scale.warm == pytest.approx(float(warm), rel=1e-5)
+    no_warm = json.loads((run_dir / "results" / "sella-warm.json").read_text())
+    assert token_scale(load_bundle(no_warm["bundle"]).tensors).warm is None
+    no_ui = json.loads((run_dir / "results" / "sella-ui.json").read_text())
+    assert token_scale(load_bundle(no_ui["bundle"]).tensors).user is None
+
+
+def test_vocabulary_scale_reads_the_input_embeddings(run_dir, tiny_backbone_dir):
+    from transformers import AutoModelForCausalLM
+
+    from training.diagnostics import vocabulary_scale
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_backbone_dir)
+    expected = model.get_input_embeddings().weight.detach().norm(dim=-1).median()
+    assert vocabulary_scale(tiny_backbone_dir) == pytest.approx(float(expected), rel=1e-5)
+    assert vocabulary_scale(run_dir) is None  # no backbone weights there
+
+
+def test_report_has_a_soft_token_scale_row_per_stage3_variant(run_dir, tmp_path):
+    from training.report import LABELS, write_report
+
+    text = write_report(run_dir, tmp_path / "results.md", tmp_path / "figures", resamples=5).read_text()
+    section = text.split("## Soft-token scale", 1)[1]
+    for name, variant in VARIANTS.items():
+        assert (f"after stage 3, {LABELS[name]} |" in section) == variant.stage3
+    assert "with alignment (the warm start of Proj C->L)" in section

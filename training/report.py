@@ -5,17 +5,20 @@ SeLLa-Rec minus CoLLM (resampling users), and the Fig. 7 plot of cos(Proj C->L(e
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
+from transformers import AutoConfig
 
+from model.backbone import resolve
 from model.collab import CollabProjector
 from training.config import VARIANTS
+from training.diagnostics import cosine_sets, latest_stage, token_scale, vocabulary_scale
 
 LABELS = {
     "mf": "MF",
@@ -54,9 +57,7 @@ def paired_bootstrap(a: dict, b: dict, resamples: int, seed: int = 0) -> dict:
     """
     sa, sb = load_file(a["valid"]["scores"]), load_file(b["valid"]["scores"])
     if not (torch.equal(sa["uid"], sb["uid"]) and torch.equal(sa["iid"], sb["iid"])):
-        raise ValueError(
-            "the variants were evaluated on different rows; pairing needs the same rows"
-        )
+        raise ValueError("the variants were evaluated on different rows; pairing needs the same rows")
     uid, label = sa["uid"].numpy(), sa["label"].numpy()
     score_a, score_b = sa["scores"].numpy(), sb["scores"].numpy()
     users, inverse = np.unique(uid, return_inverse=True)
@@ -93,60 +94,47 @@ def paired_bootstrap(a: dict, b: dict, resamples: int, seed: int = 0) -> dict:
     return out | {"users": int(len(users)), "rows": int(len(uid)), "resamples": resamples}
 
 
-def _latest(runs: Path, pattern: str) -> Path | None:
-    found = sorted((runs / "stages").glob(pattern), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
-
-
-def cosine_sets(runs: Path, results: dict[str, dict], trained: np.ndarray) -> dict[str, np.ndarray]:
-    """cos(Proj C->L(e_i^C), e_i^L) over items with training rows (`trained` ids), per model."""
-    distill = _latest(runs, "distill-*")
-    if distill is None:
-        return {}
-    semantic = load_file(distill / "semantic.safetensors")["semantic.items"]
-    out: dict[str, np.ndarray] = {}
-
-    def cos(
-        items: torch.Tensor, proj_state: dict, trained: torch.Tensor, shuffle: bool = False
-    ) -> np.ndarray:
-        proj = CollabProjector(items.shape[1], semantic.shape[1])
-        proj.load_state_dict(proj_state)
-        target = semantic[trained]
-        if shuffle:  # mismatched pairs: what a projection onto the common direction alone scores
-            target = target[torch.randperm(len(target), generator=torch.Generator().manual_seed(0))]
-        with torch.no_grad():
-            return F.cosine_similarity(proj(items[trained]), target, dim=-1).numpy()
-
-    def trained_mask(items: torch.Tensor) -> torch.Tensor:
-        mask = torch.zeros(len(items), dtype=torch.bool)
-        mask[torch.as_tensor(trained[trained < len(items)])] = True
-        return mask
-
-    for name, pattern in (("stage 2, with alignment", "stage2-align-*"),):
-        path = _latest(runs, pattern)
+def scale_lines(runs: Path, results: dict[str, dict], cfg: dict) -> list[str]:
+    """Median norms of the spliced soft tokens per model, beside the vocabulary's (diagnostics)."""
+    vocab = vocabulary_scale(resolve(cfg["backbone"]))
+    rows: list[tuple[str, object]] = []
+    for label, pattern in (("stage 2, with alignment (the warm start of Proj C->L)", "stage2-align-*"),):
+        path = latest_stage(runs, pattern)
         if path is not None:
-            t = load_file(path / "collab.safetensors")
-            state = {k[len("proj_c.") :]: v for k, v in t.items() if k.startswith("proj_c.")}
-            out[name] = cos(t["mf.items"], state, trained_mask(t["mf.items"]))
-            out["stage 2, with alignment, mismatched item pairs"] = cos(
-                t["mf.items"], state, trained_mask(t["mf.items"]), shuffle=True
-            )
-    mf = _latest(runs, "stage2-mf-*")
-    if mf is not None:
+            rows.append((label, token_scale(load_file(path / "collab.safetensors"))))
+    mf = latest_stage(runs, "stage2-mf-*")
+    if mf is not None:  # CoLLM's starting point: stage-2 MF through a freshly initialised Proj C->L
         t = load_file(mf / "collab.safetensors")
         torch.manual_seed(0)
-        rand = CollabProjector(t["mf.items"].shape[1], semantic.shape[1]).state_dict()
-        out["stage 2, without alignment (random Proj C->L)"] = cos(
-            t["mf.items"], rand, trained_mask(t["mf.items"])
+        llm_dim = int(AutoConfig.from_pretrained(resolve(cfg["backbone"])).get_text_config().hidden_size)
+        rand = CollabProjector(t["mf.items"].shape[1], llm_dim).state_dict()
+        rows.append(
+            (
+                "stage 2, without alignment, random Proj C->L",
+                token_scale(t | {f"proj_c.{k}": v for k, v in rand.items()}),
+            )
         )
-    for name, label in (
-        ("sellarec", "after stage 3, SeLLa-Rec (aligned)"),
-        ("collm", "after stage 3, CoLLM"),
-    ):
-        if name in results:
-            t = load_file(Path(results[name]["bundle"]) / "tensors.safetensors")
-            state = {k[len("proj_c.") :]: v for k, v in t.items() if k.startswith("proj_c.")}
-            out[label] = cos(t["mf.items"], state, trained_mask(t["mf.items"]))
+    for name, r in results.items():
+        if VARIANTS[name].stage3:
+            rows.append(
+                (
+                    f"after stage 3, {LABELS[name]}",
+                    token_scale(load_file(Path(r["bundle"]) / "tensors.safetensors")),
+                )
+            )
+    if not rows:
+        return ["Not yet available (needs the stage-2 or stage-3 caches)."]
+    out = [
+        "Median L2 norm of each vector spliced into the prompt in place of a placeholder's input "
+        f"embedding, over every user or item of the tables. The backbone's own token embeddings have a "
+        f"median norm of {'unknown' if vocab is None else f'{vocab:.2f}'}.",
+        "",
+        "| model | `<User_ID>` | `<Item_ID>` | `<Warm_ID>` |",
+        "|---|---|---|---|",
+    ]
+    for label, t in rows:
+        cells = [("-" if v is None else f"{v:.2f}") for v in (t.user, t.item, t.warm)]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -196,8 +184,7 @@ def throughput_lines(runs: Path) -> list[str]:
             stage = {"bundle": "stage 3", "eval": "evaluation"}.get(stage.split("-")[0], stage)
             stage += f" ({record['stage'].split('-', 1)[1]})" if "-" in record["stage"] else ""
             out.append(
-                f"- {stage}: {count} {unit} in {seconds / 60:.1f} min "
-                f"({count / seconds:.2f} {unit}/s)"
+                f"- {stage}: {count} {unit} in {seconds / 60:.1f} min ({count / seconds:.2f} {unit}/s)"
             )
     return out
 
@@ -224,10 +211,9 @@ def write_report(
     any_result = next(iter(results.values()), None)
     cfg = any_result["config"] if any_result else {}
     trained = (
-        np.unique(pd.read_parquet(cfg["data"]["train"], columns=["iid"])["iid"])
-        if cfg
-        else np.array([])
+        np.unique(pd.read_parquet(cfg["data"]["train"], columns=["iid"])["iid"]) if cfg else np.array([])
     )
+    workers = sorted({r["command"] for r in results.values() if r.get("command")})
     lines = ["# SeLLa-Rec variants on MovieLens-1M: validation results", ""]
     lines += [
         f"Generated by `sellarec-train report --runs {runs}` on "
@@ -254,13 +240,11 @@ def write_report(
             "distillation covers every item.",
             f"- Seed {cfg['seed']}; configuration `{config}` "
             "(every value is also in each bundle's manifest).",
-            "- Machine: 2 CPU cores shared with other engineers' jobs (load average 5-7 during the run), "
-            "so wall "
-            "times are far above the idle-machine figures of DESIGN.md section 6. Measured there during "
-            "the run: SmolLM2 forward on 8x100 tokens ran at 98 tokens/s with 1 torch thread and 25 "
-            "tokens/s with 2 (OpenMP threads starve under contention), so the runs use `threads: 1` and "
-            "three single-threaded workers in parallel over the shared stage caches "
-            "(`run mf collm sella-proj`, `run sellarec sella-warm sella-ui`, `run tallrec zeroshot`).",
+            f"- Machine: {os.cpu_count()} CPU cores; {cfg['threads']} torch thread(s) per worker; "
+            f"{len(workers)} worker(s) in parallel over the shared stage caches: "
+            + ", ".join(f"`{w}`" for w in workers)
+            + ". Stages a worker finds cached are reused; the recorded invocation of each row says "
+            "which worker built it.",
             "",
         ]
     lines += [
@@ -290,8 +274,7 @@ def write_report(
     lines += [
         "",
         "Wall time = build time of every cached stage the variant uses (shared stages such as stage 1 "
-        "are counted in full in each row that uses them) plus its evaluation, as measured on the "
-        "shared machine.",
+        "are counted in full in each row that uses them) plus its evaluation.",
         "",
         "Commands (each row; stages already in the run directory are reused, not retrained):",
         "",
@@ -300,14 +283,14 @@ def write_report(
         lines.append(
             f"- {LABELS[name]}: `{_resume(name, runs, config)}` (recorded invocation: `{r['command']}`)"
         )
-    lines += ["", "Stage timings (build wall time on the shared machine):", ""]
+    lines += ["", "Stage timings (build wall time):", ""]
     seen = set()
     for r in results.values():
         for s in r.get("stages", {}).values():
             if s["dir"] not in seen and s.get("build_seconds") is not None:
                 seen.add(s["dir"])
                 lines.append(f"- `{s['dir']}`: {s['build_seconds'] / 60:.1f} min")
-    lines += ["", "Throughput measured in these runs (shared, contended machine):", ""]
+    lines += ["", "Throughput measured in these runs (each worker single-threaded, beside the others):", ""]
     lines += throughput_lines(runs)
     lines += [
         "",
@@ -345,9 +328,7 @@ def write_report(
     aucs = {n: results[n]["valid"]["auc"] for n in order}
     if len(order) >= 2:
         holds = all(aucs[a] > aucs[b] for a, b in zip(order, order[1:], strict=False))
-        chain = " > ".join(
-            f"{LABELS[n]} ({aucs[n]:.4f})" for n in sorted(order, key=lambda n: -aucs[n])
-        )
+        chain = " > ".join(f"{LABELS[n]} ({aucs[n]:.4f})" for n in sorted(order, key=lambda n: -aucs[n]))
         lines += [
             f"Measured AUC order: {chain}.",
             f"The paper's order restricted to the variants measured ({' > '.join(LABELS[n] for n in order)}) "
@@ -371,6 +352,8 @@ def write_report(
             lines.append(f"- {label}: mean {values.mean():.3f}, median {np.median(values):.3f}")
     else:
         lines.append("Not yet available (needs the distillation and stage-2 caches).")
+    lines += ["", "## Soft-token scale", ""]
+    lines += scale_lines(runs, results, cfg) if cfg else ["Not yet available."]
     if missing:
         lines += [
             "",
