@@ -90,3 +90,31 @@ def test_cli_evaluates_a_split_with_unknown_ids(tmp_path, tiny_bundle_dir):
     got = json.loads(out.read_text())
     assert got["n"] == 3
     assert {"auc", "uauc", "auc_warm", "auc_cold", "uauc_warm", "uauc_cold"} <= set(got)
+
+
+def test_cli_run_records_its_overrides_in_the_result(tmp_path):
+    import yaml
+
+    from training.synthetic import synthetic_dataset
+
+    data = synthetic_dataset()
+    data.train.to_parquet(tmp_path / "train.parquet")
+    data.valid.to_parquet(tmp_path / "valid.parquet")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"train": str(tmp_path / "train.parquet"), "valid": str(tmp_path / "valid.parquet")},
+                "stage2": {"collab_dim": 8, "max_epochs": 2},
+            }
+        )
+    )
+    out = tmp_path / "run"
+    args = ["run", "mf", "--config", str(config), "--out", str(out), "--no-progress"]
+    args += ["--stage3-lr", "0.0005", "--stage3-budget", "64", "--eval-limit", "20", "--seed", "3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((out / "results" / "mf.json").read_text())
+    assert recorded["config"]["stage3"]["lr"] == 0.0005
+    assert recorded["config"]["stage3"]["budget"] == 64 and recorded["seed"] == 3
+    assert recorded["valid"]["n"] == 20

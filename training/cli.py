@@ -37,6 +37,7 @@ def run(
     ),
     stage1_budget: Annotated[int | None, typer.Option(help="Stage-1 training rows")] = None,
     stage3_budget: Annotated[int | None, typer.Option(help="Stage-3 training rows per variant")] = None,
+    stage3_lr: Annotated[float | None, typer.Option(help="Stage-3 learning rate")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Validation rows evaluated (seeded sample)")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of sampling and initialisation")] = None,
     backbone: Annotated[str | None, typer.Option(help="Backbone spec")] = None,
@@ -52,6 +53,7 @@ def run(
         for k, v in {
             "stage1.budget": stage1_budget,
             "stage3.budget": stage3_budget,
+            "stage3.lr": stage3_lr,
             "eval.limit": eval_limit,
             "seed": seed,
             "backbone": backbone,
