@@ -112,9 +112,21 @@ def test_cli_run_records_its_overrides_in_the_result(tmp_path):
     out = tmp_path / "run"
     args = ["run", "mf", "--config", str(config), "--out", str(out), "--no-progress"]
     args += ["--stage3-lr", "0.0005", "--stage3-budget", "64", "--eval-limit", "20", "--seed", "3"]
+    args += ["--set", "stage2.proj_weight_decay=0", "--set", "stage1.lora_r=4"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     recorded = json.loads((out / "results" / "mf.json").read_text())
     assert recorded["config"]["stage3"]["lr"] == 0.0005
     assert recorded["config"]["stage3"]["budget"] == 64 and recorded["seed"] == 3
     assert recorded["valid"]["n"] == 20
+    assert recorded["config"]["stage2"]["proj_weight_decay"] == 0
+    assert recorded["config"]["stage1"]["lora_r"] == 4
+
+
+def test_cli_run_rejects_a_malformed_or_unknown_setting(tmp_path):
+    for bad in ("stage2.proj_weight_decay", "stage2.no_such_field=1"):
+        args = ["run", "mf", "--config", "training/configs/ml1m.yaml", "--out", str(tmp_path), "--set", bad]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "--set" in result.output
+    assert not (tmp_path / "results").exists()

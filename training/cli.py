@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
 
 from training.config import VARIANTS, load_config
 
@@ -44,6 +45,10 @@ def run(
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
     progress: Annotated[bool, typer.Option(help="tqdm progress bars")] = True,
     evaluate: Annotated[bool, typer.Option(help="Evaluate on the validation sample")] = True,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any config value: KEY=VALUE, dotted key, YAML value (repeatable)"),
+    ] = None,
 ) -> None:
     """Train (or reuse cached stages of) each variant, evaluate it on validation, write results."""
     from training.pipeline import run_variant
@@ -61,7 +66,15 @@ def run(
         }.items()
         if v is not None
     }
-    cfg = load_config(config, overrides)
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+        overrides[key] = yaml.safe_load(value)
+    try:
+        cfg = load_config(config, overrides)
+    except (ValueError, TypeError) as e:
+        raise typer.BadParameter(str(e), param_hint="--config/--set") from e
     # `kill` ends a run like Ctrl-C: half-built stage directories are removed on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     setup_logging(out / "train.log")

@@ -93,6 +93,9 @@ class Stage2Config:
     lr: float = 1e-3
     #: Weight decay (choice, CoLLM's MF uses 1e-4... applied as L2 through Adam).
     weight_decay: float = 1e-4
+    #: Weight decay of Proj C->L alone (None: `weight_decay`). InfoNCE on cosines does not see
+    #: the projection's scale, so decay shrinks it freely, and stage 3 starts from its output.
+    proj_weight_decay: float | None = None
     #: Interactions per step (choice).
     batch_size: int = 1024
     #: Weight lambda of the alignment loss (choice; the paper tunes it).
@@ -216,8 +219,14 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 def fingerprint(*parts: Any) -> str:
     """Short stable hash of config pieces: the cache key of a stage."""
     blob = json.dumps(
-        [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
+        [_keyed(dataclasses.asdict(p)) if dataclasses.is_dataclass(p) else p for p in parts],
         sort_keys=True,
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def _keyed(fields: dict[str, Any]) -> dict[str, Any]:
+    """A config's fields minus those left at None: an optional field added later keeps every
+    existing cache key (and every earlier run directory) valid."""
+    return {k: _keyed(v) if isinstance(v, dict) else v for k, v in fields.items() if v is not None}

@@ -50,8 +50,11 @@ def train_stage2(
     torch.manual_seed(seed)
     mf = MatrixFactorization(data.n_users, data.n_items, cfg.collab_dim)
     proj = CollabProjector(cfg.collab_dim, llm_dim) if align and llm_dim else None
-    params = list(mf.parameters()) + (list(proj.parameters()) if proj else [])
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": list(mf.parameters())}]
+    if proj is not None:
+        decay = cfg.weight_decay if cfg.proj_weight_decay is None else cfg.proj_weight_decay
+        groups.append({"params": list(proj.parameters()), "weight_decay": decay})
+    optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     users, items, labels = (
         _tensor(data.train, "uid"),
         _tensor(data.train, "iid"),
