@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# A stage-3 setting tried on validation, without retraining what it shares with the base run.
+# A setting tried on validation beside a finished run, reusing the stages it does not change.
 #
 #   scripts/train/sweep.sh BASE_RUN SWEEP_RUN VARIANTS... -- OVERRIDES...
 #   scripts/train/sweep.sh /work/runs/ml1m /work/runs/ml1m-s3lr1e-4 collm sellarec -- --stage3-lr 1e-4
 #
 # CONFIG (default training/configs/ml1m.yaml) is the base run's configuration.
 # SWEEP_RUN gets links to BASE_RUN's stage-1, distillation and stage-2 caches (their keys do
-# not depend on stage-3 settings, so they are reused as they are), then `sellarec-train run`
+# not depend on stage-3 settings; a stage whose key the OVERRIDES change is rebuilt), then `sellarec-train run`
 # trains and evaluates VARIANTS there with OVERRIDES. Results go to SWEEP_RUN/results, so the
 # base run's results are never overwritten.
 set -euo pipefail
