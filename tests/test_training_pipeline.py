@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -177,3 +178,16 @@ def test_report_has_a_soft_token_scale_row_per_stage3_variant(run_dir, tmp_path)
     for name, variant in VARIANTS.items():
         assert (f"after stage 3, {LABELS[name]} |" in section) == variant.stage3
     assert "with alignment (the warm start of Proj C->L)" in section
+
+
+def test_report_compares_a_sweep_run_with_the_base_row(run_dir, tiny_cfg, tiny_data, tmp_path):
+    from training.report import write_report
+
+    sweep = tmp_path / "sweep"
+    cfg = dataclasses.replace(tiny_cfg, stage3=dataclasses.replace(tiny_cfg.stage3, lr=3e-3))
+    run_variant(cfg, "sellarec", sweep, data=tiny_data, progress=False, command="test sweep")
+    text = write_report(run_dir, tmp_path / "r.md", tmp_path / "f", resamples=5, sweeps=[sweep]).read_text()
+    section = text.split("## Tuning on validation", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| SeLLa-Rec |")]
+    assert len(rows) == 1 and "`stage3.lr=0.003`" in rows[0]
+    assert "test sweep" in section

@@ -113,11 +113,14 @@ def report(
     doc: Annotated[Path, typer.Option(help="Markdown to write")] = Path("docs/results.md"),
     figures: Annotated[Path, typer.Option(help="Figure directory")] = Path("docs/figures"),
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples")] = 2000,
+    sweep: Annotated[
+        list[Path] | None, typer.Option(help="Run directory of scripts/train/sweep.sh (repeatable)")
+    ] = None,
 ) -> None:
     """Build the results table, the paired bootstrap and the Fig. 7 plot from a run directory."""
     from training.report import write_report
 
-    typer.echo(write_report(runs, doc, figures, resamples))
+    typer.echo(write_report(runs, doc, figures, resamples, sweeps=sweep or []))
 
 
 @app.command(name="build-data")

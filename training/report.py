@@ -94,6 +94,65 @@ def paired_bootstrap(a: dict, b: dict, resamples: int, seed: int = 0) -> dict:
     return out | {"users": int(len(users)), "rows": int(len(uid)), "resamples": resamples}
 
 
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def setting_of(result: dict, base: dict) -> str:
+    """The config values in which `result` differs from `base` ("key=value, ...")."""
+    a, b = _flat(result["config"]), _flat(base["config"])
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return ", ".join(f"{k}={a.get(k, '-')}" for k in changed) or "(same config)"
+
+
+def _item_scale(run: Path, result: dict, stage: str) -> float | None:
+    entry = result.get("stages", {}).get(stage)
+    if entry is None:
+        return None
+    path = run / "stages" / entry["dir"]
+    name = "collab.safetensors" if stage.startswith("stage2") else "bundle/tensors.safetensors"
+    return token_scale(load_file(path / name)).item
+
+
+def sweep_lines(results: dict[str, dict], sweeps: list[Path], resamples: int) -> list[str]:
+    """One row per variant of each sweep run, against the same variant of the base run."""
+    lines = [
+        "Settings tried on validation beside the base run (`scripts/train/sweep.sh`): each row is "
+        "the same variant as the base row of that name, with only the setting shown changed, on the "
+        "same validation rows; the difference is a paired user-level bootstrap as above. `<Item_ID>` "
+        "scale: median norm of Proj C->L(e_i^C) where stage 3 starts (stage 2's projection, for the "
+        "warm-started variants) and after stage 3.",
+        "",
+        "| variant | setting | AUC | UAUC | AUC warm | AUC cold | AUC - base AUC [95% CI] | "
+        "`<Item_ID>` scale, start -> end | wall time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    commands = []
+    for sweep in sweeps:
+        for name, r in load_results(sweep).items():
+            base = results.get(name)
+            if base is None:
+                continue
+            v = r["valid"]
+            b = paired_bootstrap(r, base, resamples)["auc"]
+            start = _item_scale(sweep, r, "stage2-align") if VARIANTS[name].warm_start else None
+            end = _item_scale(sweep, r, f"bundle-{name}")
+            scale = f"{'-' if start is None else f'{start:.2f}'} -> {'-' if end is None else f'{end:.2f}'}"
+            lines.append(
+                f"| {LABELS[name]} | `{setting_of(r, base)}` | "
+                + " | ".join(_fmt(v.get(k)) for k in ("auc", "uauc", "auc_warm", "auc_cold"))
+                + f" | {b['diff']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}] | {scale} | "
+                f"{_wall(r) / 60:.1f} min |"
+            )
+            commands.append(f"- {LABELS[name]}, `{sweep}`: `{r['command']}`")
+    if not commands:
+        return ["No sweep run given (`sellarec-train report --sweep DIR`)."]
+    return [*lines, "", "Recorded invocations:", "", *commands]
+
+
 def scale_lines(runs: Path, results: dict[str, dict], cfg: dict) -> list[str]:
     """Median norms of the spliced soft tokens per model, beside the vocabulary's (diagnostics)."""
     vocab = vocabulary_scale(resolve(cfg["backbone"]))
@@ -203,6 +262,7 @@ def write_report(
     figures: Path,
     resamples: int = 2000,
     config: str = "training/configs/ml1m.yaml",
+    sweeps: list[Path] | None = None,
 ) -> Path:
     """Write `doc` (and the Fig. 7 PNG under `figures`) from the run directory `runs`."""
     import pandas as pd
@@ -352,6 +412,9 @@ def write_report(
             lines.append(f"- {label}: mean {values.mean():.3f}, median {np.median(values):.3f}")
     else:
         lines.append("Not yet available (needs the distillation and stage-2 caches).")
+    if sweeps:
+        lines += ["", "## Tuning on validation", ""]
+        lines += sweep_lines(results, sweeps, resamples)
     lines += ["", "## Soft-token scale", ""]
     lines += scale_lines(runs, results, cfg) if cfg else ["Not yet available."]
     if missing:
