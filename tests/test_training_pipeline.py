@@ -191,3 +191,14 @@ def test_report_compares_a_sweep_run_with_the_base_row(run_dir, tiny_cfg, tiny_d
     rows = [line for line in section.splitlines() if line.startswith("| SeLLa-Rec |")]
     assert len(rows) == 1 and "`stage3.lr=0.003`" in rows[0]
     assert "test sweep" in section
+
+
+def test_results_record_the_cpu_kernels_and_the_report_names_them(run_dir, tmp_path):
+    from training.report import machine_line
+
+    result = json.loads((run_dir / "results" / "collm.json").read_text())
+    assert result["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert result["machine"]["torch"] == torch.__version__
+    line = machine_line({"collm": result})
+    assert f"{torch.backends.cpu.get_cpu_capability()} kernels" in line and "predate" not in line
+    assert "predate" in machine_line({"collm": {k: v for k, v in result.items() if k != "machine"}})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -242,6 +243,17 @@ class Pipeline:
         return record["metrics"] | {"scores": str(path / "scores.safetensors")}
 
 
+def machine() -> dict:
+    """What the numbers depend on beyond the config: stage 3 is sensitive to float rounding,
+    which differs between CPU kernels (AVX2 vs AVX-512), so results record the kernels used."""
+    return {
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
+
+
 def run_variant(
     cfg: RunConfig,
     variant: str,
@@ -266,6 +278,7 @@ def run_variant(
         "config": asdict(cfg),
         "budgets": {"stage1": cfg.stage1.budget, "stage3": cfg.stage3.budget, "eval_limit": cfg.eval.limit},
         "seed": cfg.seed,
+        "machine": machine(),
     }
     if evaluate:
         result["valid"] = pipe.evaluate(VARIANTS[variant], bundle)

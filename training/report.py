@@ -33,6 +33,21 @@ LABELS = {
 METRICS = ("auc", "uauc", "auc_warm", "auc_cold", "uauc_warm", "uauc_cold")
 
 
+def machine_line(results: dict[str, dict]) -> str:
+    """The CPU kernels the results were computed with (recorded by each run), or this machine's."""
+    recorded = {json.dumps(r["machine"], sort_keys=True) for r in results.values() if "machine" in r}
+    if recorded:
+        kinds = [json.loads(m) for m in sorted(recorded)]
+        return "; ".join(
+            f"{m['cpus']} CPU cores, torch {m['torch']} with {m['cpu_capability']} kernels" for m in kinds
+        )
+    return (
+        f"{os.cpu_count()} CPU cores, torch {torch.__version__} with "
+        f"{torch.backends.cpu.get_cpu_capability()} kernels (the machine that wrote this report; "
+        "the runs predate recording it)"
+    )
+
+
 def _fmt(x: float | None) -> str:
     return "null" if x is None else f"{x:.4f}"
 
@@ -300,7 +315,7 @@ def write_report(
             "distillation covers every item.",
             f"- Seed {cfg['seed']}; configuration `{config}` "
             "(every value is also in each bundle's manifest).",
-            f"- Machine: {os.cpu_count()} CPU cores; {cfg['threads']} torch thread(s) per worker; "
+            f"- Machine: {machine_line(results)}; {cfg['threads']} torch thread(s) per worker; "
             f"{len(workers)} worker(s) in parallel over the shared stage caches: "
             + ", ".join(f"`{w}`" for w in workers)
             + ". Stages a worker finds cached are reused; the recorded invocation of each row says "
