@@ -130,9 +130,10 @@ def _openapi(app: FastAPI, settings: Settings) -> dict:
         guarded = set()
         if settings.api_token is not None:  # the routes whose dependencies check the token
             checks = {authorize, authorize_metrics} if settings.protect_metrics else {authorize}
+            # Our own router's routes: FastAPI >= 0.16x wraps included routers in app.routes.
             guarded = {
                 route.path
-                for route in app.routes
+                for route in router.routes
                 if isinstance(route, APIRoute) and any(d.call in checks for d in route.dependant.dependencies)
             }
         for path, operations in schema["paths"].items():
