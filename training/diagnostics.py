@@ -64,6 +64,12 @@ def token_scale(tensors: dict[str, torch.Tensor]) -> TokenScale:
     return TokenScale(user, item, warm)
 
 
+def random_projection(collab_dim: int, llm_dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A freshly initialised Proj C->L (CoLLM's starting point), seeded."""
+    torch.manual_seed(seed)
+    return CollabProjector(collab_dim, llm_dim).state_dict()
+
+
 def vocabulary_scale(backbone_dir: str | Path) -> float | None:
     """Median L2 norm of the backbone's input token embeddings, read from its safetensors."""
     for shard in sorted(Path(backbone_dir).glob("*.safetensors")):
@@ -115,8 +121,7 @@ def cosine_sets(runs: Path, results: dict[str, dict], trained: np.ndarray) -> di
     mf = latest_stage(runs, "stage2-mf-*")
     if mf is not None:
         t = load_file(mf / "collab.safetensors")
-        torch.manual_seed(0)
-        rand = CollabProjector(t["mf.items"].shape[1], semantic.shape[1]).state_dict()
+        rand = random_projection(t["mf.items"].shape[1], semantic.shape[1])
         out["stage 2, without alignment (random Proj C->L)"] = cos(
             t["mf.items"], rand, trained_mask(t["mf.items"])
         )

@@ -16,9 +16,8 @@ from sklearn.metrics import roc_auc_score
 from transformers import AutoConfig
 
 from model.backbone import resolve
-from model.collab import CollabProjector
 from training.config import VARIANTS
-from training.diagnostics import cosine_sets, latest_stage, token_scale, vocabulary_scale
+from training.diagnostics import cosine_sets, latest_stage, random_projection, token_scale, vocabulary_scale
 
 LABELS = {
     "mf": "MF",
@@ -179,9 +178,8 @@ def scale_lines(runs: Path, results: dict[str, dict], cfg: dict) -> list[str]:
     mf = latest_stage(runs, "stage2-mf-*")
     if mf is not None:  # CoLLM's starting point: stage-2 MF through a freshly initialised Proj C->L
         t = load_file(mf / "collab.safetensors")
-        torch.manual_seed(0)
         llm_dim = int(AutoConfig.from_pretrained(resolve(cfg["backbone"])).get_text_config().hidden_size)
-        rand = CollabProjector(t["mf.items"].shape[1], llm_dim).state_dict()
+        rand = random_projection(t["mf.items"].shape[1], llm_dim)
         rows.append(
             (
                 "stage 2, without alignment, random Proj C->L",
