@@ -10,6 +10,11 @@
     DIR/adapter/               the PEFT LoRA in its standard layout (optional)
 
 Nothing here unpickles: tensors are safetensors, everything else JSON.
+
+Integrity: the manifest's `checksums` must name every file of the directory (itself
+excepted), the tensors and the catalog always. A missing, extra or unlisted file, or one
+whose sha256 differs, refuses the whole bundle (`verify_bundle`), so that an edit cannot
+slip through by also deleting its checksum entry.
 """
 
 from __future__ import annotations
@@ -198,15 +203,21 @@ def save_bundle(
 def read_manifest(path: str | Path) -> Manifest:
     path = Path(path)
     file = path / MANIFEST
-    if not file.exists():
+    if not file.is_file():
         raise ArtifactError(
             f"{path} is not an artifact directory (no {MANIFEST}); train one with "
             f"`sellarec-train run` or build the demo with `sellarec-demo`"
         )
     try:
-        manifest = Manifest.model_validate_json(file.read_text())
+        manifest = Manifest.model_validate_json(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ArtifactError(f"{file} is not UTF-8 text (byte {err.start}); the bundle is corrupt") from err
     except ValidationError as err:
-        raise ArtifactError(f"{file} is malformed: {err}") from err
+        first = err.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "the file"
+        raise ArtifactError(f"{file} is malformed: {where}: {first['msg']}") from err
+    except OSError as err:
+        raise ArtifactError(f"{file} cannot be read: {err.strerror or err}") from err
     if manifest.format_version != FORMAT_VERSION:
         raise ArtifactError(
             f"{file}: format version {manifest.format_version}, this build reads {FORMAT_VERSION}"
@@ -214,24 +225,59 @@ def read_manifest(path: str | Path) -> Manifest:
     return manifest
 
 
-def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Read and check a bundle: checksums, dims of every tensor against the manifest."""
+def bundle_files(path: Path) -> set[str]:
+    """Every file under `path` but the manifest, as POSIX paths relative to it."""
+    return {f.relative_to(path).as_posix() for f in path.rglob("*") if f.is_file()} - {MANIFEST}
+
+
+def verify_bundle(path: str | Path) -> Manifest:
+    """The manifest, once every file of the bundle is listed in it and matches its sha256.
+
+    Refused (ArtifactError): a listed file that is missing, a file that is not listed, a
+    listing that omits the tensors or the catalog (or the adapter it declares), a name
+    outside the directory, a checksum that differs.
+    """
     path = Path(path)
     manifest = read_manifest(path)
-    if verify:
-        for name, expected in manifest.checksums.items():
-            file = path / name
-            if not file.exists():
-                raise ArtifactError(f"{path}: {name} is listed in the manifest but missing")
-            if sha256_file(file) != expected:
-                raise ArtifactError(
-                    f"{path}: checksum of {name} differs from the manifest (corrupt or edited)"
-                )
-    tensors = load_file(path / TENSORS)
-    raw = json.loads((path / CATALOG).read_text())
-    catalog = Catalog(
-        users=raw["users"], items=raw["items"], titles=raw["titles"], histories=raw.get("histories", {})
-    )
+    listed = manifest.checksums
+    required = {TENSORS, CATALOG}
+    for name in sorted(required - set(listed)):
+        raise ArtifactError(f"{path}: the manifest lists no checksum for {name}; the bundle is refused")
+    if manifest.has_adapter and not any(n.startswith(ADAPTER + "/") for n in listed):
+        raise ArtifactError(f"{path}: the manifest declares an adapter but lists none of its files")
+    for name in listed:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ArtifactError(f"{path}: the manifest names {name!r}, outside the bundle")
+    present = bundle_files(path)
+    if missing := sorted(set(listed) - present):
+        raise ArtifactError(f"{path}: {missing[0]} is listed in the manifest but missing")
+    if unlisted := sorted(present - set(listed)):
+        raise ArtifactError(
+            f"{path}: {unlisted[0]} is not listed in the manifest (an extra or edited file); "
+            f"the bundle is refused"
+        )
+    for name, expected in sorted(listed.items()):
+        if sha256_file(path / name) != expected:
+            raise ArtifactError(f"{path}: checksum of {name} differs from the manifest (corrupt or edited)")
+    return manifest
+
+
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Read and check a bundle: every file against the manifest, dims of every tensor."""
+    path = Path(path)
+    manifest = verify_bundle(path) if verify else read_manifest(path)
+    try:
+        tensors = load_file(path / TENSORS)
+        raw = json.loads((path / CATALOG).read_bytes().decode("utf-8"))
+        catalog = Catalog(
+            users=raw["users"], items=raw["items"], titles=raw["titles"], histories=raw.get("histories", {})
+        )
+    except (OSError, ValueError, KeyError, TypeError) as err:  # safetensors, UTF-8 and JSON errors
+        raise ArtifactError(
+            f"{path}: cannot read the tensors or the catalog ({type(err).__name__}: {err})"
+        ) from err
+    except Exception as err:  # safetensors raises its own SafetensorError on a damaged header
+        raise ArtifactError(f"{path}: cannot read {TENSORS} ({type(err).__name__}: {err})") from err
     bundle = Bundle(path=path, manifest=manifest, tensors=tensors, catalog=catalog)
     _check_shapes(bundle)
     return bundle

@@ -17,6 +17,7 @@ from model.artifacts import (
     load_bundle,
     read_manifest,
     save_bundle,
+    verify_bundle,
 )
 from model.backbone import BackboneInfo, load_backbone, random_backbone
 from model.loader import load_scorer
@@ -69,6 +70,58 @@ def test_a_changed_byte_is_caught(tmp_path):
     (path / "tensors.safetensors").write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="checksum of tensors.safetensors"):
         load_bundle(path)
+
+
+def _edit_manifest(path, change):
+    manifest = json.loads((path / "manifest.json").read_text())
+    change(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_tampered_file_whose_checksum_entry_was_deleted_is_refused(tmp_path):
+    path, _, _ = _small(tmp_path)
+    data = bytearray((path / "tensors.safetensors").read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])
+    (path / "tensors.safetensors").write_bytes(bytes(data))
+    _edit_manifest(path, lambda m: m["checksums"].pop("tensors.safetensors"))
+    with pytest.raises(ArtifactError, match="no checksum for tensors.safetensors"):
+        load_bundle(path)
+
+
+def test_a_bundle_with_every_checksum_removed_is_refused(tmp_path):
+    path, _, _ = _small(tmp_path)
+    _edit_manifest(path, lambda m: m.update(checksums={}))
+    with pytest.raises(ArtifactError, match="lists no checksum"):
+        verify_bundle(path)
+
+
+def test_a_file_the_manifest_does_not_list_is_refused(tmp_path):
+    path, _, _ = _small(tmp_path)
+    (path / "extra.safetensors").write_bytes(b"not listed")
+    with pytest.raises(ArtifactError, match="extra.safetensors is not listed"):
+        load_bundle(path)
+
+
+def test_a_listed_file_that_is_missing_is_refused(tmp_path):
+    path, _, _ = _small(tmp_path)
+    _edit_manifest(path, lambda m: m["checksums"].update({"adapter/adapter_model.safetensors": "0" * 64}))
+    with pytest.raises(ArtifactError, match="adapter/adapter_model.safetensors is listed .* but missing"):
+        load_bundle(path)
+
+
+def test_a_name_outside_the_bundle_is_refused(tmp_path):
+    path, _, _ = _small(tmp_path)
+    _edit_manifest(path, lambda m: m["checksums"].update({"../elsewhere": "0" * 64}))
+    with pytest.raises(ArtifactError, match="outside the bundle"):
+        verify_bundle(path)
+
+
+def test_a_manifest_with_non_utf8_bytes_is_an_artifact_error(tmp_path):
+    path, _, _ = _small(tmp_path)
+    raw = (path / "manifest.json").read_bytes()
+    (path / "manifest.json").write_bytes(raw[:20] + b"\xff\xfe" + raw[20:])
+    with pytest.raises(ArtifactError, match="not UTF-8"):
+        read_manifest(path)
 
 
 def test_dimension_mismatch_names_the_tensor(tmp_path):
