@@ -4,8 +4,15 @@ An entry carries its payload, a future for its result and the time it was queued
 background task forms batches: it takes the oldest entry, then keeps taking entries
 while the batch stays within `max_batch_tokens` (and `max_batch_requests`, when set),
 waiting at most `batch_wait_s` for more,
-and runs the batch on the single model thread (so the event loop stays free). A full
-queue refuses at once (429 with Retry-After) instead of growing without bound.
+and runs the batch on the single model thread (so the event loop stays free).
+
+Admission is by time, not count: each batch teaches a cost model (service/admission.py)
+how long its work took, and a request whose predicted wait (the work queued ahead of it,
+plus what remains of the running batch) exceeds `max_wait_s` (or the caller's own
+deadline) is refused at once with 429 and a Retry-After of when that wait will have
+drained. `max_queue` remains as a backstop on the number of waiting requests. A request
+whose future is cancelled (the client went away, its deadline passed) leaves the queue at
+once and never runs.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from service.admission import NO_WORK, CostModel, Work
 from service.errors import QueueFull, ShuttingDown
 from service.metrics import Metrics
 
@@ -45,6 +53,8 @@ class Entry(Generic[P, R]):
     future: asyncio.Future[R]
     #: `time.monotonic()` when it was queued.
     enqueued_at: float
+    #: What it puts through the model, priced by the cost model.
+    work: Work = NO_WORK
 
 
 class Batcher(Generic[P, R]):
@@ -58,6 +68,8 @@ class Batcher(Generic[P, R]):
         max_batch_tokens: int = 8192,
         batch_wait_s: float = 0.002,
         max_batch_requests: int | None = None,
+        max_wait_s: float = float("inf"),
+        cost_model: CostModel | None = None,
     ) -> None:
         self.runner = runner
         self.metrics = metrics
@@ -73,8 +85,12 @@ class Batcher(Generic[P, R]):
         self._worker: asyncio.Task[None] | None = None
         self._in_flight: list[Entry[P, R]] = []
         self._closed = False
-        #: Moving average of model seconds per request (for Retry-After).
-        self._seconds_per_request = 0.05
+        #: Longest predicted queue wait a new request is admitted with.
+        self.max_wait_s = max_wait_s
+        #: Measured model seconds per unit of work.
+        self.cost = cost_model or CostModel()
+        self._in_flight_work = NO_WORK
+        self._in_flight_since = 0.0
 
     @property
     def depth(self) -> int:
@@ -89,21 +105,60 @@ class Batcher(Generic[P, R]):
         """Run `fn(*args)` on the model thread (for work outside batches, e.g. warm-up)."""
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
 
-    def submit(self, payload: P, cost: int, size: int) -> asyncio.Future[R]:
-        """Queue `payload`; the future resolves with its result. Raises QueueFull or ShuttingDown."""
+    def predicted_wait(self) -> float:
+        """Seconds a request queued now would wait for its batch to start (measured prices)."""
+        running = 0.0
+        if self._in_flight:
+            running = max(
+                self.cost.seconds(self._in_flight_work) - (time.monotonic() - self._in_flight_since), 0.0
+            )
+        queued = sum((e.work for e in self._pending), NO_WORK)
+        return running + self.cost.seconds(queued)
+
+    def submit(
+        self, payload: P, cost: int, size: int, *, work: Work | None = None, deadline_s: float | None = None
+    ) -> asyncio.Future[R]:
+        """Queue `payload`; the future resolves with its result. Raises QueueFull or ShuttingDown.
+
+        `work` prices it for admission (default: `cost` prefix tokens); `deadline_s` is the
+        most the caller will wait (a `time.monotonic()` span, not a point), tighter than
+        `max_wait_s` when given. Cancelling the future takes the entry out of the queue.
+        """
         if self._closed:
             raise ShuttingDown("the server is shutting down")
         if len(self._pending) >= self.max_queue:
-            retry = math.ceil(self._seconds_per_request * (len(self._pending) + 1))
+            wait = self.predicted_wait()
             raise QueueFull(
                 f"the queue holds {len(self._pending)} requests (max_queue); retry later",
-                retry_after=min(max(retry, 1), 60),
+                retry_after=_seconds(wait),
+            )
+        wait = self.predicted_wait()
+        self.metrics.predicted_wait.set(wait)
+        limit = self.max_wait_s if deadline_s is None else min(self.max_wait_s, deadline_s)
+        if wait > limit:
+            bound = "max_queue_wait" if limit == self.max_wait_s else "the request's timeout"
+            raise QueueFull(
+                f"overloaded: a new request would wait about {wait:.1f}s for the model, over "
+                f"{limit:.1f}s ({bound}); retry later",
+                retry_after=_seconds(wait - limit),
             )
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._pending.append(Entry(payload, cost, size, future, time.monotonic()))
+        entry = Entry(payload, cost, size, future, time.monotonic(), work or Work(cost, 0))
+        self._pending.append(entry)
+        future.add_done_callback(lambda _: self._forget(entry))
         self.metrics.queue_depth.set(len(self._pending))
         self._arrived.set()
         return future
+
+    def _forget(self, entry: Entry[P, R]) -> None:
+        """Take a queued entry whose future was cancelled out of the queue (it never runs)."""
+        if entry.future.cancelled():
+            try:
+                self._pending.remove(entry)
+            except ValueError:  # already taken into a batch, or drained
+                return
+            self.metrics.dropped.labels(reason="cancelled").inc()
+            self.metrics.queue_depth.set(len(self._pending))
 
     async def _loop(self) -> None:
         while True:
@@ -157,6 +212,8 @@ class Batcher(Generic[P, R]):
         self.metrics.batch_requests.observe(len(batch))
         self.metrics.batch_candidates.observe(sum(e.size for e in batch))
         self._in_flight = batch
+        self._in_flight_work = sum((e.work for e in batch), NO_WORK)
+        self._in_flight_since = now
         try:
             results = await self.call(self.runner, [e.payload for e in batch])
         except Exception as err:  # the model failed: every request of the batch gets the error
@@ -169,10 +226,17 @@ class Batcher(Generic[P, R]):
             self._in_flight = []
             seconds = time.monotonic() - now
             self.metrics.batch_seconds.observe(seconds)
-            self._seconds_per_request = 0.8 * self._seconds_per_request + 0.2 * seconds / len(batch)
+            self.observe(self._in_flight_work, seconds)
         for entry, result in zip(batch, results):
             if not entry.future.done():
                 entry.future.set_result(result)
+
+    def observe(self, work: Work, seconds: float) -> None:
+        """Teach the cost model that `work` took `seconds` (batches, and the warm-up)."""
+        self.cost.observe(work, seconds)
+        prefix, suffix = self.cost.per_token
+        self.metrics.token_seconds.labels(kind="prefix").set(prefix)
+        self.metrics.token_seconds.labels(kind="suffix").set(suffix)
 
     async def drain(self, timeout_s: float = 30.0) -> None:
         """Refuse new work, finish what is queued and running (up to `timeout_s`), stop."""
@@ -190,3 +254,8 @@ class Batcher(Generic[P, R]):
         self._pending.clear()
         self.metrics.queue_depth.set(0)
         self._model_thread.shutdown(wait=False, cancel_futures=True)
+
+
+def _seconds(wait: float) -> int:
+    """A Retry-After value: whole seconds, at least 1."""
+    return max(math.ceil(wait), 1)

@@ -28,9 +28,17 @@ import torch
 
 from model.encoding import PromptEncoder
 from model.prompts import ALL_SLOTS, TemplateSpec, distillation_prompt, item_prompt, user_prompt
+from service.admission import Work
 from service.backend import Backend
 from service.batcher import Batcher
-from service.errors import NotReady, PromptTooLong, StoreUnavailable, TooLarge, UnknownItems
+from service.errors import (
+    DeadlineExceeded,
+    NotReady,
+    PromptTooLong,
+    StoreUnavailable,
+    TooLarge,
+    UnknownItems,
+)
 from service.jobs import Job, JobResult
 from service.metrics import Metrics
 from service.store import Lookup, Store
@@ -101,6 +109,7 @@ class Engine:
         metrics: Metrics,
         max_candidates: int = 256,
         max_history: int = 100,
+        max_request_tokens: int | None = None,
     ) -> None:
         self.spec = spec
         self.encoder = encoder
@@ -111,6 +120,7 @@ class Engine:
         self.metrics = metrics
         self.max_candidates = max_candidates
         self.max_history = max_history
+        self.max_request_tokens = max_request_tokens
         self._background: set[asyncio.Task[None]] = set()
 
     def served(self) -> ServedVersion:
@@ -121,9 +131,18 @@ class Engine:
         return served
 
     async def score(
-        self, user_id: str, items: Sequence[ItemInput], history: Sequence[ItemInput] | None = None
+        self,
+        user_id: str,
+        items: Sequence[ItemInput],
+        history: Sequence[ItemInput] | None = None,
+        deadline: float | None = None,
     ) -> Outcome:
-        """P(Yes) for each of `items`, in order."""
+        """P(Yes) for each of `items`, in order.
+
+        `deadline` (a `time.monotonic()` point) is when the caller stops waiting: a request
+        that would wait past it is refused at admission, and one still queued then leaves
+        the queue unrun (DeadlineExceeded).
+        """
         if len(items) > self.max_candidates:
             raise TooLarge(
                 f"{len(items)} candidates; at most {self.max_candidates} per request (max_candidates)"
@@ -167,7 +186,26 @@ class Engine:
             distill=distill,
             projections=served.projections,
         )
-        result = await self.batcher.submit(job, job.cost, job.size)
+        if self.max_request_tokens is not None and job.cost > self.max_request_tokens:
+            raise TooLarge(
+                f"this request puts {job.cost} token positions through the model (prompt prefix, "
+                f"{job.size} candidate suffixes, {len(distill)} cold titles to distil); at most "
+                f"{self.max_request_tokens} per request (max_request_tokens): send fewer or shorter "
+                f"items, or split the request"
+            )
+        work = Work(len(prefix) + sum(map(len, distill.values())), sum(map(len, suffixes)))
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded("the request's timeout passed before it reached the model")
+        future = self.batcher.submit(job, job.cost, job.size, work=work, deadline_s=remaining)
+        try:
+            # Cancelling this wait (timeout, or the route's client went away) cancels the
+            # future, which takes the job out of the queue if it has not started.
+            result = await asyncio.wait_for(future, remaining)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                "the request's timeout passed before its scores were ready; it was dropped"
+            ) from None
         if result.distilled:
             self._remember(served.version, result.distilled)
 
@@ -266,11 +304,15 @@ class Engine:
         prompt = self.encoder.prompt(distillation_prompt(self.spec, "warm-up"))
         zeros = torch.zeros(1, len(ALL_SLOTS), self.backend.llm_dim, device=self.backend.device)
 
-        def run() -> None:
+        def run() -> float:
+            start = time.perf_counter()
             self.backend.score([prefix], zeros, [0], [suffix], zeros)
             self.backend.distill([prompt])
+            return time.perf_counter() - start
 
-        await self.batcher.call(run)
+        # A first price for the cost model (pessimistic: first calls are the slowest).
+        seconds = await self.batcher.call(run)
+        self.batcher.observe(Work(len(prefix) + len(prompt), len(suffix)), seconds)
 
     async def ready(self) -> str:
         """The served version if the store answers and a version is served; raises otherwise."""

@@ -70,6 +70,20 @@ class QueueFull(ServiceError):
         self.headers = {"Retry-After": str(retry_after)}
 
 
+class DeadlineExceeded(ServiceError):
+    """The caller's own timeout (X-Request-Timeout-Ms) passed before its work ran."""
+
+    status = 504
+    type = "deadline_exceeded"
+
+
+class ClientClosed(ServiceError):
+    """The client disconnected before its answer was ready; its work was dropped."""
+
+    status = 499
+    type = "client_closed"
+
+
 class StoreUnavailable(ServiceError):
     """The embedding store cannot be reached, or holds no servable version."""
 

@@ -76,6 +76,20 @@ class Metrics:
             ["version"],
             registry=r,
         )
+        #: Predicted seconds a request arriving now would wait for the model (admission).
+        self.predicted_wait = Gauge(
+            "sellarec_predicted_wait_seconds",
+            "Predicted queue wait of a new request (measured cost of the work ahead).",
+            registry=r,
+        )
+        #: Learnt model seconds per token position, by kind (prefix, suffix).
+        self.token_seconds = Gauge(
+            "sellarec_token_cost_seconds", "Measured model seconds per token position.", ["kind"], registry=r
+        )
+        #: Queued requests dropped before their batch: the client went away or its deadline passed.
+        self.dropped = Counter(
+            "sellarec_dropped_requests", "Queued requests dropped before running.", ["reason"], registry=r
+        )
         #: The model this process runs.
         self.model_info = Info("sellarec_model", "The model this process runs.", registry=r)
         for kind in ("user", "item"):

@@ -39,7 +39,11 @@ class Settings(BaseSettings):
     max_history: int = Field(100, ge=0)
     """Most history entries one request may carry; more answers 413 (only the last few are used)."""
     max_queue: int = Field(64, ge=1)
-    """Most requests waiting for the model; one more answers 429 with Retry-After."""
+    """Most requests waiting for the model; one more answers 429 (a backstop to the wait budget)."""
+    max_queue_wait_ms: float = Field(2000.0, gt=0)
+    """Wait budget: a request whose predicted wait for the model (measured) exceeds it answers 429."""
+    max_request_tokens: int = Field(8192, ge=64)
+    """Most token positions one request puts through the model (prompts, titles to distil); more: 413."""
     batch_wait_ms: float = Field(2.0, ge=0)
     """How long the micro-batcher waits for more requests once it holds one."""
     max_batch_requests: int = Field(0, ge=0)
