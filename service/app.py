@@ -112,7 +112,20 @@ async def _validation_error(request: Request, err: RequestValidationError) -> JS
     return _error(request, 422, "invalid_request", "invalid request: " + "; ".join(problems))
 
 
+#: Why FastAPI could not parse a body, by the exception it hit (it answers those with a 400).
+_UNPARSEABLE = {
+    UnicodeDecodeError: "body is not valid UTF-8",
+    RecursionError: "body is nested too deeply",
+    ValueError: "body holds a number too large to read",
+}
+
+
 async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
+    if err.status_code == 400:  # a body FastAPI could not parse: malformed input, like bad JSON
+        cause = err.__cause__
+        reason = next((r for t, r in _UNPARSEABLE.items() if isinstance(cause, t)), "body is not valid JSON")
+        log.info("unparseable body on %s: %r", request.url.path, cause)
+        return _error(request, 422, "invalid_request", f"invalid request: {reason}")
     kind = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
     return _error(request, err.status_code, kind, str(err.detail), headers=getattr(err, "headers", None))
 
@@ -124,9 +137,7 @@ def _openapi(app: FastAPI, settings: Settings) -> dict:
     schema-driven fuzzer must not be told that a server without a token wants one.
     """
     if app.openapi_schema is None:
-        schema = get_openapi(
-            title=app.title, version=app.version, summary=app.summary, routes=app.routes
-        )
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         guarded = set()
         if settings.api_token is not None:  # the routes whose dependencies check the token
             checks = {authorize, authorize_metrics} if settings.protect_metrics else {authorize}
@@ -185,6 +196,7 @@ def create_app(
             max_batch_tokens=settings.max_batch_tokens,
             batch_wait_s=settings.batch_wait_ms / 1000,
             max_batch_requests=settings.max_batch_requests,
+            max_wait_s=settings.max_queue_wait_ms / 1000,
         )
         engine = Engine(
             scorer.spec,
@@ -196,6 +208,7 @@ def create_app(
             metrics,
             max_candidates=settings.max_candidates,
             max_history=settings.max_history,
+            max_request_tokens=settings.max_request_tokens,
         )
         await engine.warm_up()
         app.state.runtime = Runtime(settings=settings, metrics=metrics, engine=engine)
@@ -233,5 +246,12 @@ def create_app(
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_middleware(Guard, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    guarded = {"/score", "/rerank"} | ({"/metrics"} if settings.protect_metrics else set())
+    app.add_middleware(
+        Guard,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        token=settings.api_token,
+        guarded=frozenset(guarded),
+    )
     return app

@@ -1,7 +1,8 @@
-"""The outermost ASGI layer: request metrics, the body size limit, and a last-resort 500.
+"""The outermost ASGI layer: request metrics, authentication, the body size limit, a last-resort 500.
 
-It sits outside FastAPI so that an oversized body is refused before anything parses it,
-every answer (errors included) is timed, and no exception escapes to the server.
+It sits outside FastAPI so that a request without the right token is refused before its
+body is read (authentication comes first), an oversized body is refused before anything
+parses it, every answer (errors included) is timed, and no exception escapes to the server.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import json
 import logging
 import time
 
+from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.auth import bearer_matches
 from service.metrics import Metrics
 from service.schemas import ErrorBody, ErrorResponse
 
@@ -28,12 +31,22 @@ def error_body(status: int, kind: str, message: str, items: list[str] | None = N
 
 
 class Guard:
-    """Times every request, refuses bodies over `max_body_bytes`, never lets an exception out."""
+    """Times every request, checks the token on `guarded` paths, refuses bodies over
+    `max_body_bytes`, never lets an exception out."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        max_body_bytes: int,
+        token: SecretStr | None = None,
+        guarded: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.token = token
+        self.guarded = guarded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -52,6 +65,11 @@ class Guard:
             await send(message)
 
         try:
+            if self.token is not None and path in self.guarded and not self._authorized(scope):
+                status = 401
+                await self._error(send, 401, "unauthorized", "missing or invalid bearer token",
+                                  [(b"www-authenticate", b"Bearer")])  # fmt: skip
+                return
             body = await self._read_body(scope, receive)
             if body is None:
                 status = 413
@@ -69,6 +87,13 @@ class Guard:
             self.metrics.request_seconds.labels(endpoint=endpoint, status=str(status)).observe(
                 time.perf_counter() - start
             )
+
+    def _authorized(self, scope: Scope) -> bool:
+        assert self.token is not None
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                return bearer_matches(value.decode("latin-1"), self.token)
+        return False
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         """The whole body, or None if it exceeds the limit (by header or by count)."""
@@ -106,11 +131,14 @@ class Guard:
 
         return replay
 
-    async def _error(self, send: Send, status: int, kind: str, message: str) -> None:
+    async def _error(
+        self, send: Send, status: int, kind: str, message: str, extra: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         self.metrics.errors.labels(type=kind).inc()
         payload = error_body(status, kind, message)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-        if status == 413:
+        headers += extra or []
+        if status in (401, 413):  # the body was not read: the connection cannot be reused
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import hmac
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable
+from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.engine import Engine, ItemInput
-from service.errors import Unauthorized
+from service.auth import bearer_matches
+from service.engine import Engine, ItemInput, Outcome
+from service.errors import ClientClosed, Unauthorized
 from service.schemas import (
     ErrorResponse,
     Health,
@@ -35,9 +40,27 @@ _ERRORS = {
         "model": ErrorResponse,
         "description": "Malformed request, unknown items without title, prompt too long.",
     },
-    429: {"model": ErrorResponse, "description": "Queue full; retry after the Retry-After header's seconds."},
+    429: {
+        "model": ErrorResponse,
+        "description": "Overloaded: the predicted wait exceeds the budget; retry after Retry-After seconds.",
+    },
     503: {"model": ErrorResponse, "description": "Store unreachable, no servable version, or shutting down."},
+    504: {"model": ErrorResponse, "description": "The X-Request-Timeout-Ms passed before the work ran."},
 }
+
+T = TypeVar("T")
+
+#: How long the caller will wait, in milliseconds (optional): a request that would wait longer
+#: is refused at once (429), and one still queued when it passes is dropped (504).
+Timeout = Annotated[
+    int | None,
+    Header(
+        alias="X-Request-Timeout-Ms",
+        ge=1,
+        le=3_600_000,
+        description="Milliseconds the caller will wait; tighter than the server's wait budget.",
+    ),
+]
 
 
 def engine(request: Request) -> Engine:
@@ -49,8 +72,8 @@ def authorize(request: Request, credentials: HTTPAuthorizationCredentials | None
     token = request.app.state.runtime.settings.api_token
     if token is None:
         return
-    given = credentials.credentials if credentials is not None else ""
-    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+    given = f"Bearer {credentials.credentials}" if credentials is not None else None
+    if not bearer_matches(given, token):
         raise Unauthorized()
 
 
@@ -67,13 +90,44 @@ def _items(refs: list[ItemRef] | None) -> list[ItemInput] | None:
     return [ItemInput(r) if isinstance(r, str) else ItemInput(r.item_id, r.title) for r in refs]
 
 
+def _deadline(timeout_ms: int | None) -> float | None:
+    return None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read: only a disconnect can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`, cancelled (and its queued job dropped) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        gone.cancel()
+    if task.cancelled():
+        raise ClientClosed("the client disconnected; its request was dropped")
+    return task.result()
+
+
 router = APIRouter()
 
 
 @router.post("/score", responses=_ERRORS, dependencies=[Depends(authorize)], tags=["scoring"])
-async def score(body: ScoreRequest, engine: Engine = Depends(engine)) -> ScoreResponse:
+async def score(
+    request: Request, body: ScoreRequest, timeout_ms: Timeout = None, engine: Engine = Depends(engine)
+) -> ScoreResponse:
     """P(Yes) for each item, in input order."""
-    outcome = await engine.score(body.user_id, _items(body.items), _items(body.history))
+    outcome: Outcome = await _unless_disconnected(
+        request, engine.score(body.user_id, _items(body.items), _items(body.history), _deadline(timeout_ms))
+    )
     return ScoreResponse(
         model=outcome.model,
         scores=[ItemScore(item_id=s.item_id, score=s.score, cold=s.cold) for s in outcome.scores],
@@ -81,9 +135,14 @@ async def score(body: ScoreRequest, engine: Engine = Depends(engine)) -> ScoreRe
 
 
 @router.post("/rerank", responses=_ERRORS, dependencies=[Depends(authorize)], tags=["scoring"])
-async def rerank(body: RerankRequest, engine: Engine = Depends(engine)) -> RerankResponse:
+async def rerank(
+    request: Request, body: RerankRequest, timeout_ms: Timeout = None, engine: Engine = Depends(engine)
+) -> RerankResponse:
     """Candidates sorted by P(Yes), best first; ties keep input order."""
-    outcome = await engine.score(body.user_id, _items(body.candidates), _items(body.history))
+    outcome: Outcome = await _unless_disconnected(
+        request,
+        engine.score(body.user_id, _items(body.candidates), _items(body.history), _deadline(timeout_ms)),
+    )
     order = sorted(range(len(outcome.scores)), key=lambda k: -outcome.scores[k].score)
     if body.top_n is not None:
         order = order[: body.top_n]

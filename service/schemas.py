@@ -21,7 +21,8 @@ Title = Annotated[str, Field(min_length=1, max_length=MAX_TITLE_CHARS)]
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    # Strict: "2" or true is not a top_n, 7 is not an id; nothing is coerced.
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
 
 class ItemWithTitle(_Wire):
