@@ -13,12 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import typer
 import uvicorn
 from pydantic import ValidationError
 
-from model.artifacts import ArtifactError, read_manifest
+from model.artifacts import ArtifactError, verify_bundle
+from service import redact
 from service.app import create_app
 from service.settings import Settings
 
@@ -49,10 +51,17 @@ def main(
         raise typer.BadParameter(_problems(err)) from err
     if settings.artifacts is None:
         raise typer.BadParameter("pass --artifacts DIR or set SELLAREC_ARTIFACTS", param_hint="--artifacts")
+    # Every file of the bundle is checked before the model loads: a bad bundle is one line
+    # and a non-zero exit, never a traceback after minutes of loading.
     try:
-        read_manifest(settings.artifacts)
+        verify_bundle(settings.artifacts)
     except ArtifactError as err:
-        raise typer.BadParameter(str(err), param_hint="--artifacts") from err
+        typer.secho(f"sellarec-serve: refusing the bundle: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from err
+    secrets = [settings.api_token.get_secret_value() if settings.api_token else None]
+    if settings.redis_url:
+        secrets.append(urlsplit(settings.redis_url).password)
+    redact.install(secrets)
     # uvicorn drains, restores these handlers and re-raises the signal it caught: SIGTERM
     # then ends the process with status 0 (a clean, requested stop), Ctrl-C with 130.
     signal.signal(signal.SIGTERM, _exit_with(0))
@@ -83,7 +92,10 @@ def _exit_with(status: int) -> Callable[[int, FrameType | None], None]:
 
 def serve() -> None:
     """Console entry point `sellarec-serve`."""
-    typer.run(main)
+    # No locals in tracebacks: they would print the settings, token and Redis password included.
+    app = typer.Typer(pretty_exceptions_show_locals=False, add_completion=False)
+    app.command()(main)
+    app()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ reads a version without it. Every lookup is one pipelined round trip.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -31,6 +32,8 @@ from service.store import ItemRecord, Lookup, Store, UserRecord, title_key
 from service.versions import VersionMeta
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 #: Hash fields of a user and of an item, in HMGET order.
 USER_FIELDS = ("collab", "history", "history_titles")
@@ -113,7 +116,10 @@ class RedisStore(Store):
                 with attempt:
                     return await fn(*args)
         except (RedisError, *TRANSIENT) as err:
-            raise StoreUnavailable(f"Redis unavailable ({what}): {err}") from err
+            # The address and the socket error go to the log; the client learns which
+            # dependency failed, not where it lives.
+            log.warning("Redis %s failed: %s: %s", what, type(err).__name__, err)
+            raise StoreUnavailable(f"the store (Redis) is unavailable ({what} failed)") from err
         raise AssertionError("unreachable")  # pragma: no cover - AsyncRetrying re-raises
 
     async def ping(self) -> None:

@@ -124,6 +124,7 @@ class StoreAdmin:
         reused = existing is not None and existing.checksum != ""
         if reused:
             checksum = existing.checksum
+            meta.extra["loaded_at"] = existing.extra.get("loaded_at")
         else:
             await self.drop(version, force=True)
             checksum = await self._write(version, users, items)

@@ -12,12 +12,18 @@ import typer
 from redis.exceptions import RedisError
 
 from model.artifacts import ArtifactError, load_bundle
+from service.redact import redact
 from service.redis_store import connect
 from service.store_admin import LoadRefused, StoreAdmin
 
 T = TypeVar("T")
 
-app = typer.Typer(help="Manage the service's embedding store in Redis.", no_args_is_help=True)
+# No locals in tracebacks: they would print the Redis URL, password included.
+app = typer.Typer(
+    help="Manage the service's embedding store in Redis.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
 
 RedisUrl = Annotated[str, typer.Option(envvar="SELLAREC_REDIS_URL", help="Redis URL (redis://, rediss://).")]
 Prefix = Annotated[
@@ -36,10 +42,10 @@ def _run(redis_url: str, prefix: str, work: Callable[[StoreAdmin], Awaitable[T]]
     try:
         return asyncio.run(go())
     except LoadRefused as err:
-        typer.secho(f"refused: {err}", fg=typer.colors.RED, err=True)
+        typer.secho(redact(f"refused: {err}"), fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from err
     except (RedisError, ConnectionError, OSError) as err:
-        typer.secho(f"cannot reach Redis at {redis_url}: {err}", fg=typer.colors.RED, err=True)
+        typer.secho(redact(f"cannot reach Redis at {redis_url}: {err}"), fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from err
 
 
