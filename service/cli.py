@@ -90,12 +90,17 @@ def _exit_with(status: int) -> Callable[[int, FrameType | None], None]:
     return handler
 
 
-def serve() -> None:
-    """Console entry point `sellarec-serve`."""
+def cli_app() -> typer.Typer:
+    """`sellarec-serve` as a Typer app."""
     # No locals in tracebacks: they would print the settings, token and Redis password included.
     app = typer.Typer(pretty_exceptions_show_locals=False, add_completion=False)
     app.command()(main)
-    app()
+    return app
+
+
+def serve() -> None:
+    """Console entry point `sellarec-serve`."""
+    cli_app()()
 
 
 if __name__ == "__main__":

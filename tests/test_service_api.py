@@ -7,10 +7,13 @@ gets the error envelope with a 4xx status.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import pytest
 from test_service_support import quick_settings, serving
+
+from service.admission import CostModel, Work
 
 TOKEN = "s3cret-token"
 
@@ -111,6 +114,10 @@ async def test_unknown_items_without_title_are_named_in_a_422(tiny_bundle_dir):
         b'{"user_id": "\\ud800", "items": ["i1"]}',
         b'{"user_id": "u1", "items": [{"item_id": "x", "title": "\\udfff"}]}',
         b'{"user_id": "u1", "items": [1e999]}',
+        b'{"user_id": "u\xff\xfe", "items": ["i1"]}',  # invalid UTF-8
+        b'{"user_id": "u1", "items": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",  # 10,000 deep
+        b'{"user_id": "u1", "items": ["i1"], "top_n": ' + b"9" * 5000 + b"}",  # a huge number
+        b'{"user_id": "u1", "items": [' + b"1" * 5000 + b"]}",
     ],
 )
 async def test_malformed_requests_answer_422(tiny_bundle_dir, body):
@@ -123,9 +130,12 @@ async def test_rerank_validates_top_n(tiny_bundle_dir):
     async with serving(tiny_bundle_dir) as (client, _):
         zero = await client.post("/rerank", json={"user_id": "u1", "candidates": ["i1"], "top_n": 0})
         text = await client.post("/rerank", json={"user_id": "u1", "candidates": ["i1"], "top_n": "two"})
+        digits = await client.post("/rerank", json={"user_id": "u1", "candidates": ["i1"], "top_n": "2"})
+        boolean = await client.post("/rerank", json={"user_id": "u1", "candidates": ["i1"], "top_n": True})
+        fraction = await client.post("/rerank", json={"user_id": "u1", "candidates": ["i1"], "top_n": 1.5})
         more = await client.post("/rerank", json={"user_id": "u1", "candidates": ["i1"], "top_n": 5})
-    envelope(zero, 422, "invalid_request")
-    envelope(text, 422, "invalid_request")
+    for answer in (zero, text, digits, boolean, fraction):
+        envelope(answer, 422, "invalid_request")
     assert len(more.json()["results"]) == 1
 
 
@@ -205,6 +215,24 @@ async def test_bearer_token_guards_scoring_but_not_health(tiny_bundle_dir):
     envelope(basic, 401, "unauthorized")
     assert right.status_code == 200
     assert open_paths == [200, 200, 200, 200]
+
+
+async def test_authentication_comes_before_the_body_is_read(tiny_bundle_dir):
+    async with serving(tiny_bundle_dir, quick_settings(api_token=TOKEN, max_body_bytes=4096)) as (client, _):
+        garbage = await client.post(
+            "/score", content=b"{not json", headers={"content-type": "application/json"}
+        )
+        huge = await client.post(
+            "/rerank", content=b"x" * 10_000, headers={"content-type": "application/json"}
+        )
+        authorized = await client.post(
+            "/score",
+            content=b"{not json",
+            headers={"content-type": "application/json", "Authorization": f"Bearer {TOKEN}"},
+        )
+    envelope(garbage, 401, "unauthorized")
+    envelope(huge, 401, "unauthorized")
+    envelope(authorized, 422, "invalid_request")
 
 
 async def test_metrics_can_require_the_token(tiny_bundle_dir):
@@ -325,3 +353,143 @@ async def test_a_model_failure_answers_500_in_the_envelope_and_the_server_goes_o
     envelope(failed, 500, "internal_error")
     assert "CUDA" not in failed.text  # internals stay in the log
     assert fine.status_code == 200
+
+
+async def test_a_request_over_the_token_cap_answers_413_with_what_to_do(tiny_bundle_dir):
+    items = [{"item_id": f"new-{k}", "title": f"A long new title number {k} " * 30} for k in range(8)]
+    async with serving(tiny_bundle_dir, quick_settings(max_request_tokens=512)) as (client, app):
+        batches = app.state.metrics.batch_seconds
+        before = batches._sum.get()
+        big = await client.post("/score", json={"user_id": "u1", "items": items})
+        assert batches._sum.get() == before  # refused before any model work
+        small = await client.post("/score", json={"user_id": "u1", "items": ["i1", "i2"]})
+    error = envelope(big, 413, "too_large")
+    assert "max_request_tokens" in error["message"] and "8 cold titles" in error["message"]
+    assert small.status_code == 200
+
+
+async def test_a_request_is_refused_with_429_once_the_predicted_wait_exceeds_the_budget(tiny_bundle_dir):
+    gate = threading.Event()
+    async with serving(tiny_bundle_dir, quick_settings(max_queue_wait_ms=1000, batch_wait_ms=0)) as (
+        client,
+        app,
+    ):
+        batcher = app.state.runtime.engine.batcher
+        batcher.cost = CostModel()
+        batcher.cost.observe(Work(100, 0), 1.0)  # as if the model took 10 ms per token position
+        blocker = asyncio.create_task(batcher.call(gate.wait, 30))  # the model thread is busy
+        body = {"user_id": "u1", "items": ["i1", "i2"]}
+        first = asyncio.create_task(client.post("/score", json=body))  # over 1 s of work, in a batch
+        for _ in range(500):
+            if batcher._in_flight:
+                break
+            await asyncio.sleep(0.01)
+        predicted = batcher.predicted_wait()
+        refused = await client.post("/score", json=body)
+        gate.set()
+        await blocker
+        assert (await first).status_code == 200
+    assert predicted > 1.0
+    error = envelope(refused, 429, "queue_full")
+    assert "max_queue_wait" in error["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+
+
+def hold_the_model(batcher, gate: threading.Event) -> list[list]:
+    """Make the batcher's runner record each batch and hold the first one until `gate` is set."""
+    batches: list[list] = []
+    working = batcher.runner
+
+    def runner(jobs):
+        batches.append(jobs)
+        gate.wait(30)
+        return working(jobs)
+
+    batcher.runner = runner
+    return batches
+
+
+async def until(condition, timeout_s: float = 10.0) -> None:
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+async def test_a_request_whose_timeout_passes_in_the_queue_is_dropped_unrun(tiny_bundle_dir):
+    gate = threading.Event()
+    async with serving(tiny_bundle_dir, quick_settings(batch_wait_ms=0)) as (client, app):
+        batcher = app.state.runtime.engine.batcher
+        batches = hold_the_model(batcher, gate)
+        first = asyncio.create_task(client.post("/score", json={"user_id": "u1", "items": ["i1"]}))
+        await until(lambda: batches)  # the first request holds the model
+        late = await client.post(
+            "/score", json={"user_id": "u2", "items": ["i2"]}, headers={"X-Request-Timeout-Ms": "300"}
+        )
+        depth = batcher.depth
+        gate.set()
+        assert (await first).status_code == 200
+        bad = await client.post(
+            "/score", json={"user_id": "u1", "items": ["i1"]}, headers={"X-Request-Timeout-Ms": "soon"}
+        )
+    envelope(late, 504, "deadline_exceeded")
+    assert depth == 0 and len(batches) == 1  # it left the queue and never ran
+    envelope(bad, 422, "invalid_request")
+
+
+async def test_a_client_that_disconnects_takes_its_queued_work_away(tiny_bundle_dir):
+    gate = threading.Event()
+    async with serving(tiny_bundle_dir, quick_settings(batch_wait_ms=0)) as (client, app):
+        batcher = app.state.runtime.engine.batcher
+        batches = hold_the_model(batcher, gate)
+        first = asyncio.create_task(client.post("/score", json={"user_id": "u1", "items": ["i1"]}))
+        await until(lambda: batches)
+        hang_up = asyncio.Event()
+        messages = [{"type": "http.request", "body": json.dumps({"user_id": "u2", "items": ["i2"]}).encode()}]
+        sent: list[dict] = []
+
+        async def receive():
+            if messages:
+                return messages.pop()
+            await hang_up.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": "/score", "raw_path": b"/score", "query_string": b"", "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
+            "client": ("127.0.0.1", 1), "server": ("test", 80), "state": {},
+        }  # fmt: skip
+        call = asyncio.create_task(app(scope, receive, send))
+        await until(lambda: batcher.depth == 1)
+        hang_up.set()
+        await asyncio.wait_for(call, 10)
+        depth = batcher.depth
+        gate.set()
+        assert (await first).status_code == 200
+    assert depth == 0 and len(batches) == 1  # dropped before it ran; no batch waited on it
+    assert sent[0]["status"] == 499
+
+
+async def test_scores_do_not_depend_on_batch_mates_beyond_1e_5(tiny_bundle_dir):
+    """Batching pads prefixes and suffixes to shared lengths; the scores move by float rounding only."""
+    target = {"user_id": "u1", "items": ["i1", "i4", {"item_id": "n", "title": "Brand New (2031)"}]}
+    mates = [
+        {"user_id": "u3", "items": ["i2", "i7", "i9", "i0"]},
+        {"user_id": "nobody", "items": ["i5"], "history": ["i1", "i2", "i3", "i4", "i5", "i6"]},
+        {"user_id": "u5", "items": [{"item_id": "m", "title": "Another Rather Long Title, The (1977)"}]},
+    ]
+    async with serving(tiny_bundle_dir, quick_settings(batch_wait_ms=200)) as (client, app):
+        alone = (await client.post("/score", json=target)).json()["scores"]
+        batches = app.state.metrics.batch_requests
+        before = batches._sum.get()
+        answers = await asyncio.gather(*(client.post("/score", json=b) for b in [target, *mates]))
+        merged = batches._sum.get() - before
+    together = answers[0].json()["scores"]
+    assert merged == 4  # one batch of four requests
+    for a, b in zip(alone, together):
+        assert abs(a["score"] - b["score"]) < 1e-5

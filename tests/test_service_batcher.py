@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from service.admission import CostModel, Work
 from service.batcher import Batcher
 from service.errors import QueueFull, ShuttingDown
 from service.metrics import Metrics
@@ -127,3 +128,77 @@ async def test_drain_finishes_queued_work_then_refuses_new_work():
     runner.gate.set()
     await drained
     assert [f.result() for f in futures] == ["A", "B"]
+
+
+async def test_the_cost_model_learns_prices_per_prefix_and_suffix_token():
+    model = CostModel(decay=0.95)
+    for prefix, suffix in [(100, 10), (50, 200), (300, 40), (80, 80)]:
+        model.observe(Work(prefix, suffix), 0.002 * prefix + 0.0005 * suffix)
+    a, b = model.per_token
+    assert a == pytest.approx(0.002, rel=1e-3) and b == pytest.approx(0.0005, rel=1e-3)
+    assert model.seconds(Work(1000, 1000)) == pytest.approx(2.5, rel=1e-3)
+
+
+async def test_a_request_is_refused_once_its_predicted_wait_exceeds_the_budget():
+    runner = Recorder()
+    runner.gate.clear()  # the model is busy
+    cost = CostModel()
+    cost.observe(Work(1000, 0), 1.0)  # measured: 1 ms per token position
+    batcher = make(runner, batch_wait_s=0, max_wait_s=2.5, max_queue=1000, cost_model=cost)
+    running = batcher.submit("a", cost=1, size=1, work=Work(1000, 0))  # about 1 s of work
+    await asyncio.sleep(0.05)
+    admitted = [batcher.submit("b", cost=1, size=1, work=Work(1000, 0))]  # predicted wait about 1 s
+    admitted.append(batcher.submit("c", cost=1, size=1, work=Work(1000, 0)))  # about 2 s
+    assert batcher.predicted_wait() == pytest.approx(3.0, abs=0.1)
+    with pytest.raises(QueueFull) as refused:
+        batcher.submit("d", cost=1, size=1, work=Work(10, 0))  # about 3 s > 2.5 s
+    assert "over 2.5s (max_queue_wait)" in refused.value.message
+    assert refused.value.headers["Retry-After"] == "1"  # 3 s - 2.5 s, rounded up
+    runner.gate.set()
+    assert await asyncio.gather(running, *admitted) == ["A", "B", "C"]
+    await batcher.drain()
+
+
+async def test_a_tighter_caller_deadline_refuses_sooner():
+    runner = Recorder()
+    runner.gate.clear()
+    cost = CostModel()
+    cost.observe(Work(1000, 0), 1.0)
+    batcher = make(runner, batch_wait_s=0, max_wait_s=10, cost_model=cost)
+    running = batcher.submit("a", cost=1, size=1, work=Work(1000, 0))
+    await asyncio.sleep(0.05)
+    with pytest.raises(QueueFull):
+        batcher.submit("b", cost=1, size=1, work=Work(10, 0), deadline_s=0.5)
+    fits = batcher.submit("c", cost=1, size=1, work=Work(10, 0), deadline_s=5)
+    runner.gate.set()
+    assert await asyncio.gather(running, fits) == ["A", "C"]
+    await batcher.drain()
+
+
+async def test_a_cancelled_job_leaves_the_queue_at_once_and_never_runs():
+    runner = Recorder()
+    runner.gate.clear()
+    cost = CostModel()
+    cost.observe(Work(1000, 0), 1.0)
+    batcher = make(runner, batch_wait_s=0, cost_model=cost)
+    running = batcher.submit("a", cost=1, size=1, work=Work(10, 0))
+    await asyncio.sleep(0.05)
+    gone = batcher.submit("gone", cost=1, size=1, work=Work(5000, 0))
+    assert batcher.depth == 1 and batcher.predicted_wait() > 4
+    gone.cancel()
+    await asyncio.sleep(0)
+    assert batcher.depth == 0 and batcher.predicted_wait() < 1  # the wait it priced is gone too
+    runner.gate.set()
+    assert await running == "A"
+    assert await batcher.submit("next", cost=1, size=1) == "NEXT"
+    assert all("gone" not in b for b in runner.batches)
+    await batcher.drain()
+
+
+async def test_every_batch_teaches_the_cost_model():
+    runner = Recorder()
+    batcher = make(runner, batch_wait_s=0)
+    before = batcher.cost.observations
+    await batcher.submit("a", cost=1, size=1, work=Work(10, 5))
+    assert batcher.cost.observations == before + 1
+    await batcher.drain()

@@ -75,10 +75,12 @@ async def test_load_writes_verifies_and_activates_a_version(admin, prefix, tiny_
     assert len(user[b"collab"]) == 4 * 16 and json.loads(user[b"history"]) == [f"i{k}" for k in range(9)]
     item = await client.hgetall(f"{prefix}:v:{report.version}:i:i4")
     assert item[b"title"].decode() == bundle.catalog.titles[4] and len(item[b"semantic"]) == 4 * 64
+    [first] = await admin.versions()
     again = await admin.load(bundle)
     assert again.reused and again.checksum == report.checksum
     [listed] = await admin.versions()
     assert listed["version"] == report.version and listed["active"] and listed["items"] == 10
+    assert listed["loaded_at"] is not None and listed["loaded_at"] == first["loaded_at"]  # kept by a re-load
 
 
 async def test_the_active_version_cannot_be_dropped_but_an_old_one_can(
