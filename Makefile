@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-vllm demo test lint
+.PHONY: setup setup-vllm demo test lint chaos
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -31,3 +31,10 @@ test: setup-vllm
 
 lint: setup
 	$(BIN)/ruff check .
+
+# Overload and Redis faults end to end (scripts/perf/chaos.py; docs/performance.md): its own
+# Redis on a free port, the server, an open loop at 2x the measured capacity with Redis
+# paused and killed in the middle. Needs a bundle (make demo) or CHAOS_ARGS=--tiny.
+CHAOS_ARGS ?= --bundle artifacts/demo
+chaos: setup
+	$(BIN)/python scripts/perf/chaos.py $(CHAOS_ARGS)

@@ -142,12 +142,20 @@ class RedisStore(Store):
 
     async def _lookup(self, version: str, user_id: str, item_ids: list[str], titles: list[str]) -> Lookup:
         pipe = self.client.pipeline(transaction=False)
+        pipe.exists(self.keys.meta(version))
         pipe.hmget(self.keys.user(version, user_id), USER_FIELDS)
         for item_id in item_ids:
             pipe.hmget(self.keys.item(version, item_id), ITEM_FIELDS)
         for title in titles:
             pipe.get(self.keys.distilled(version, title))
-        replies = await pipe.execute()
+        complete, *replies = await pipe.execute()
+        if not complete:
+            # The version vanished under the server (a Redis restarted empty, being reloaded):
+            # its items are not unknown, the store is incomplete.
+            log.warning("store version %s has no meta key (Redis lost it?)", version)
+            raise StoreUnavailable(
+                f"the store (Redis) does not hold version {version} completely (reloading?)"
+            )
         collab, history, history_titles = replies[0]
         user = None
         if collab is not None:

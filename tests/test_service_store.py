@@ -303,3 +303,14 @@ def test_store_cli_loads_lists_and_drops(tiny_bundle_dir, bundle_v2):
 def test_store_cli_reports_an_unreachable_redis():
     result = CliRunner().invoke(store_cli, ["list", "--redis-url", "redis://127.0.0.1:1/0", "--prefix", "x"])
     assert result.exit_code == 2 and "cannot reach Redis" in result.output
+
+
+async def test_a_version_wiped_under_the_server_answers_503_not_unknown_items(admin, prefix, tiny_bundle_dir):
+    """A Redis restarted empty and being reloaded holds part of the version: that is the store's fault."""
+    version = (await admin.load(load_bundle(tiny_bundle_dir))).version
+    body = {"user_id": "u1", "items": ["i1", "i2"]}
+    async with serving(tiny_bundle_dir, redis_settings(prefix)) as (client, _):
+        assert (await client.post("/score", json=body)).status_code == 200
+        await admin.client.delete(f"{prefix}:v:{version}:meta", f"{prefix}:v:{version}:i:i2")
+        wiped = await client.post("/score", json=body)
+    assert wiped.status_code == 503 and wiped.json()["error"]["type"] == "store_unavailable"
