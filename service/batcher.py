@@ -116,13 +116,21 @@ class Batcher(Generic[P, R]):
         return running + self.cost.seconds(queued)
 
     def submit(
-        self, payload: P, cost: int, size: int, *, work: Work | None = None, deadline_s: float | None = None
+        self,
+        payload: P,
+        cost: int,
+        size: int,
+        *,
+        work: Work | None = None,
+        deadline_s: float | None = None,
+        spent_s: float = 0.0,
     ) -> asyncio.Future[R]:
         """Queue `payload`; the future resolves with its result. Raises QueueFull or ShuttingDown.
 
         `work` prices it for admission (default: `cost` prefix tokens); `deadline_s` is the
-        most the caller will wait (a `time.monotonic()` span, not a point), tighter than
-        `max_wait_s` when given. Cancelling the future takes the entry out of the queue.
+        most the caller will wait (a span, not a point), tighter than `max_wait_s` when given;
+        `spent_s` is what the request already spent before the queue (a slow store lookup), and
+        comes off the budget. Cancelling the future takes the entry out of the queue.
         """
         if self._closed:
             raise ShuttingDown("the server is shutting down")
@@ -134,9 +142,10 @@ class Batcher(Generic[P, R]):
             )
         wait = self.predicted_wait()
         self.metrics.predicted_wait.set(wait)
-        limit = self.max_wait_s if deadline_s is None else min(self.max_wait_s, deadline_s)
-        if wait > limit:
-            bound = "max_queue_wait" if limit == self.max_wait_s else "the request's timeout"
+        budget = self.max_wait_s - spent_s
+        limit = budget if deadline_s is None else min(budget, deadline_s)
+        if wait > max(limit, 0.0):  # an idle model always admits: the work starts at once
+            bound = "max_queue_wait" if limit == budget else "the request's timeout"
             raise QueueFull(
                 f"overloaded: a new request would wait about {wait:.1f}s for the model, over "
                 f"{limit:.1f}s ({bound}); retry later",

@@ -143,6 +143,7 @@ class Engine:
         that would wait past it is refused at admission, and one still queued then leaves
         the queue unrun (DeadlineExceeded).
         """
+        started = time.monotonic()
         if len(items) > self.max_candidates:
             raise TooLarge(
                 f"{len(items)} candidates; at most {self.max_candidates} per request (max_candidates)"
@@ -197,7 +198,9 @@ class Engine:
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded("the request's timeout passed before it reached the model")
-        future = self.batcher.submit(job, job.cost, job.size, work=work, deadline_s=remaining)
+        future = self.batcher.submit(
+            job, job.cost, job.size, work=work, deadline_s=remaining, spent_s=time.monotonic() - started
+        )
         try:
             # Cancelling this wait (timeout, or the route's client went away) cancels the
             # future, which takes the job out of the queue if it has not started.

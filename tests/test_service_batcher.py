@@ -202,3 +202,19 @@ async def test_every_batch_teaches_the_cost_model():
     await batcher.submit("a", cost=1, size=1, work=Work(10, 5))
     assert batcher.cost.observations == before + 1
     await batcher.drain()
+
+
+async def test_time_spent_before_the_queue_comes_off_the_budget_but_an_idle_model_admits():
+    runner = Recorder()
+    runner.gate.clear()
+    cost = CostModel()
+    cost.observe(Work(1000, 0), 1.0)
+    batcher = make(runner, batch_wait_s=0, max_wait_s=2.0, cost_model=cost)
+    idle = batcher.submit("a", cost=1, size=1, work=Work(1000, 0), spent_s=5.0)  # nothing ahead of it
+    await asyncio.sleep(0.05)
+    fits = batcher.submit("b", cost=1, size=1, work=Work(10, 0), spent_s=0.5)  # about 1 s ahead, 1.5 s left
+    with pytest.raises(QueueFull):
+        batcher.submit("c", cost=1, size=1, work=Work(10, 0), spent_s=1.5)  # about 1 s ahead, 0.5 s left
+    runner.gate.set()
+    assert await asyncio.gather(idle, fits) == ["A", "B"]
+    await batcher.drain()
