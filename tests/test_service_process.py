@@ -61,6 +61,7 @@ def test_sellarec_serve_answers_and_exits_cleanly_on_sigterm(tiny_bundle_dir, tm
         **os.environ,
         "SELLAREC_PORT": str(port),
         "SELLAREC_MAX_CANDIDATES": "2000",
+        "SELLAREC_MAX_REQUEST_TOKENS": "1000000",  # the big request below is the point
         "SELLAREC_REDIS_PREFIX": prefix,
     }
     args = [SERVE, "--artifacts", str(tiny_bundle_dir), "--host", "127.0.0.1"]
