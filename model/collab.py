@@ -31,26 +31,75 @@ class MatrixFactorization(nn.Module):
         return F.binary_cross_entropy_with_logits(self(users, items), labels.float())
 
 
-class CollabProjector(nn.Module):
+def at_norm(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """`x` rescaled row-wise to L2 norm `norm`; unchanged where `norm` is 0 (scale left free)."""
+    if float(norm) <= 0:
+        return x
+    return x * (norm / x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+
+
+class _Projector(nn.Module):
+    """A soft-token projection whose output may be pinned to a fixed L2 norm.
+
+    Design decision (the paper leaves the scale free): a soft token replaces a placeholder's
+    input embedding, so it enters the frozen LLM where only vocabulary embeddings ever did.
+    With `out_norm` > 0 every projected vector has exactly that norm, the median norm of the
+    backbone's own token embeddings (`vocabulary_norm`), from the warm start on and through
+    stage 3; only its direction is learned. `out_norm` = 0 is the paper-literal free scale
+    (kept as an ablation). The norm is a buffer, so it travels in the bundle's state dict.
+    """
+
+    out_norm: torch.Tensor
+
+    def __init__(self, out_norm: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("out_norm", torch.tensor(float(out_norm)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002
+        # Bundles and stage-2 projections written before the norm existed: free scale.
+        state_dict.setdefault(prefix + "out_norm", torch.tensor(0.0))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return at_norm(self.net(x), self.out_norm)
+
+
+class CollabProjector(_Projector):
     """Proj C->L: Linear(d_C, 1024), GELU, Linear(1024, d_L) (paper Eq. 6)."""
 
-    def __init__(self, collab_dim: int, llm_dim: int, hidden: int = PROJ_HIDDEN) -> None:
-        super().__init__()
+    def __init__(
+        self, collab_dim: int, llm_dim: int, hidden: int = PROJ_HIDDEN, out_norm: float = 0.0
+    ) -> None:
+        super().__init__(out_norm)
         self.net = nn.Sequential(nn.Linear(collab_dim, hidden), nn.GELU(), nn.Linear(hidden, llm_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> CollabProjector:
+        """The projector a state dict describes (dimensions and norm read from it)."""
+        hidden, collab_dim = state["net.0.weight"].shape
+        llm_dim = state["net.2.weight"].shape[0]
+        proj = cls(int(collab_dim), int(llm_dim), hidden=int(hidden))
+        proj.load_state_dict(dict(state))
+        return proj
 
 
-class SemanticProjector(nn.Module):
+class SemanticProjector(_Projector):
     """Proj W->L: Linear(d_L, d_L) on the distilled item semantics, randomly initialised."""
 
-    def __init__(self, llm_dim: int) -> None:
-        super().__init__()
+    def __init__(self, llm_dim: int, out_norm: float = 0.0) -> None:
+        super().__init__(out_norm)
         self.net = nn.Linear(llm_dim, llm_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> SemanticProjector:
+        proj = cls(int(state["net.weight"].shape[0]))
+        proj.load_state_dict(dict(state))
+        return proj
+
+
+def vocabulary_norm(embeddings: torch.Tensor) -> float:
+    """Median L2 norm of a backbone's input token embeddings: the scale soft tokens are put at."""
+    return float(embeddings.detach().float().norm(dim=-1).median())
 
 
 def info_nce(projected: torch.Tensor, semantic: torch.Tensor, temperature: float) -> torch.Tensor:
