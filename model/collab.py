@@ -63,3 +63,34 @@ def info_nce(projected: torch.Tensor, semantic: torch.Tensor, temperature: float
     logits = z @ s.T / temperature
     target = torch.arange(len(z), device=z.device)
     return F.cross_entropy(logits, target)
+
+
+#: Fold-in defaults: ridge strength and the logit a liked item should get (see `fold_in`).
+FOLD_IN_REG = 1.0
+FOLD_IN_TARGET = 1.0
+
+
+def fold_in(
+    history_item_vectors: torch.Tensor,
+    prior: torch.Tensor,
+    reg: float = FOLD_IN_REG,
+    target: float = FOLD_IN_TARGET,
+) -> torch.Tensor:
+    """MF fold-in: a collaborative vector for a user the MF never saw, from the items they liked.
+
+    With the item table frozen, the user row that MF training would fit to these positives
+    is a ridge regression pulled towards the prior (the neutral vector, the mean trained user):
+
+        u = argmin_u  sum_i (<u, v_i> - target)^2 + reg * ||u - prior||^2
+          = (V^T V + reg I)^-1 (target V^T 1 + reg prior)
+
+    `history_item_vectors` [n, d_C] (n >= 0), `prior` [d_C]; returns [d_C] float32. With no
+    history it is the prior itself, and the more items, the less the prior weighs.
+    """
+    prior = torch.as_tensor(prior, dtype=torch.float64)
+    v = torch.as_tensor(history_item_vectors, dtype=torch.float64).reshape(-1, prior.numel())
+    if len(v) == 0:
+        return prior.float()
+    gram = v.T @ v + reg * torch.eye(prior.numel(), dtype=torch.float64)
+    rhs = target * v.sum(0) + reg * prior
+    return torch.linalg.solve(gram, rhs).float()

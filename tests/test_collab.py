@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.collab import CollabProjector, MatrixFactorization, SemanticProjector, info_nce
+from model.collab import CollabProjector, MatrixFactorization, SemanticProjector, fold_in, info_nce
 
 
 def test_info_nce_equals_the_direct_formula():
@@ -49,3 +49,27 @@ def test_projection_shapes_follow_table_1():
     torch.testing.assert_close(proj(x), layers[2](F.gelu(layers[0](x))))
     w = SemanticProjector(576)
     assert w(torch.randn(2, 576)).shape == (2, 576)
+
+
+def test_fold_in_without_history_is_the_prior():
+    prior = torch.randn(8)
+    assert torch.equal(fold_in(torch.zeros(0, 8), prior), prior)
+
+
+def test_fold_in_solves_the_ridge_problem_pulled_to_the_prior():
+    g = torch.Generator().manual_seed(0)
+    items, prior = torch.randn(5, 8, generator=g), torch.randn(8, generator=g)
+    u = fold_in(items, prior, reg=0.5, target=2.0).double()
+    # The gradient of sum (<u, v> - 2)^2 + 0.5 ||u - prior||^2 vanishes at the solution.
+    grad = 2 * items.double().T @ (items.double() @ u - 2.0) + 2 * 0.5 * (u - prior.double())
+    assert grad.abs().max() < 1e-4
+
+
+def test_fold_in_recovers_a_user_from_their_liked_items_better_than_the_prior():
+    g = torch.Generator().manual_seed(1)
+    items, true_user = torch.randn(200, 8, generator=g), torch.randn(8, generator=g)
+    liked = items[(items @ true_user) > 1.0]
+    prior = torch.randn(8, generator=g)
+    folded = fold_in(liked, prior)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(folded, true_user, dim=0) > 0.7 > cos(prior, true_user, dim=0)
