@@ -9,6 +9,7 @@ embedded default, built from the artifact bundle the server loads.
 from __future__ import annotations
 
 import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -44,21 +45,62 @@ class ItemRecord:
     semantic: np.ndarray
 
 
+@dataclass(frozen=True)
+class LikedItem:
+    """A positive event kept in a user's history overlay (POST /events)."""
+
+    #: External item id.
+    item_id: str
+    #: Its title when the event was recorded (the prompt needs no item lookup).
+    title: str
+    #: When it happened (Unix seconds); the overlay is ordered by it, ties in arrival order.
+    timestamp: float
+    #: The caller's event id ("" when none was sent: such events are never deduplicated).
+    event_id: str = ""
+
+
 @dataclass
 class Lookup:
     """Everything one request needs from the store, read in one round trip."""
 
-    #: The user, or None for a cold user.
+    #: The user's MF record, or None for a user the MF never saw.
     user: UserRecord | None
     #: Known items among those asked for, by id.
     items: dict[str, ItemRecord]
     #: Cached distilled semantic vectors of cold items, by title.
     distilled: dict[str, np.ndarray]
+    #: Positives recorded by POST /events for this user, oldest first (any version).
+    liked: tuple[LikedItem, ...] = ()
+    #: The cached fold-in vector asked for with `fold_key` (None: not cached or not asked).
+    folded: np.ndarray | None = None
 
 
 def title_key(title: str) -> str:
     """Cache key of a cold item's distilled vector: it depends on the title only."""
     return hashlib.sha256(title.encode()).hexdigest()[:32]
+
+
+def fold_key(history: Sequence[str]) -> str:
+    """Cache key of a fold-in vector: it depends on the history's item ids only (and the version)."""
+    return hashlib.sha256(json.dumps(list(history)).encode()).hexdigest()[:32]
+
+
+def merge_liked(
+    kept: Sequence[LikedItem], new: Sequence[LikedItem], keep: int
+) -> tuple[list[LikedItem], int]:
+    """`kept` plus the `new` positives not seen before (by event id), ordered by timestamp (ties:
+    arrival order), the oldest dropped beyond `keep`; and how many were new. The Redis store runs
+    the same merge in a Lua script (redis_store.MERGE_LIKED)."""
+    out, added = list(kept), 0
+    for event in new:
+        if event.event_id and any(old.event_id == event.event_id for old in out):
+            continue
+        pos = len(out)
+        while pos > 0 and out[pos - 1].timestamp > event.timestamp:
+            pos -= 1
+        out.insert(pos, event)
+        added += 1
+    return out[-keep:] if keep > 0 else [], added
 
 
 class Store(ABC):
@@ -81,13 +123,27 @@ class Store(ABC):
 
     @abstractmethod
     async def lookup(
-        self, version: str, user_id: str, item_ids: Sequence[str], titles: Sequence[str]
+        self,
+        version: str,
+        user_id: str | None,
+        item_ids: Sequence[str],
+        titles: Sequence[str],
+        fold: str | None = None,
     ) -> Lookup:
-        """The user, the known items among `item_ids` and the cached vectors of `titles`."""
+        """The user and their recorded positives (none if `user_id` is None), the known items
+        among `item_ids`, the cached vectors of `titles` and the cached fold-in vector `fold`."""
 
     @abstractmethod
     async def cache_distilled(self, version: str, vectors: dict[str, np.ndarray]) -> None:
         """Remember distilled semantic vectors of cold items (by title) under `version`."""
+
+    @abstractmethod
+    async def cache_folded(self, version: str, fold: str, vector: np.ndarray) -> None:
+        """Remember a fold-in vector under `version` by its `fold_key`."""
+
+    @abstractmethod
+    async def add_liked(self, user_id: str, liked: Sequence[LikedItem], keep: int) -> int:
+        """Merge positives into the user's overlay (see `merge_liked`); returns how many were new."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections."""
@@ -127,6 +183,8 @@ class _Version:
     items: dict[str, ItemRecord]
     #: Distilled cold-item vectors by title, least recently used first.
     distilled: OrderedDict[str, np.ndarray]
+    #: Fold-in vectors by fold key, least recently used first.
+    folded: OrderedDict[str, np.ndarray]
 
 
 class InMemoryStore(Store):
@@ -138,6 +196,8 @@ class InMemoryStore(Store):
         self._versions: dict[str, _Version] = {}
         self._active: str | None = None
         self._max_distilled = max_distilled
+        #: POST /events positives by user: an overlay over every version.
+        self._liked: dict[str, list[LikedItem]] = {}
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> InMemoryStore:
@@ -152,7 +212,7 @@ class InMemoryStore(Store):
         items: Iterator[tuple[str, ItemRecord]],
         activate: bool = True,
     ) -> str:
-        self._versions[meta.version] = _Version(meta, dict(users), dict(items), OrderedDict())
+        self._versions[meta.version] = _Version(meta, dict(users), dict(items), OrderedDict(), OrderedDict())
         if activate:
             self._active = meta.version
         return meta.version
@@ -168,14 +228,25 @@ class InMemoryStore(Store):
         return held.meta if held else None
 
     async def lookup(
-        self, version: str, user_id: str, item_ids: Sequence[str], titles: Sequence[str]
+        self,
+        version: str,
+        user_id: str | None,
+        item_ids: Sequence[str],
+        titles: Sequence[str],
+        fold: str | None = None,
     ) -> Lookup:
         held = self._versions[version]
         items = {i: held.items[i] for i in item_ids if i in held.items}
         distilled = {t: held.distilled[t] for t in titles if t in held.distilled}
         for t in distilled:
             held.distilled.move_to_end(t)
-        return Lookup(held.users.get(user_id), items, distilled)
+        folded = held.folded.get(fold) if fold is not None else None
+        if folded is not None:
+            held.folded.move_to_end(fold)
+        if user_id is None:
+            return Lookup(None, items, distilled, folded=folded)
+        liked = tuple(self._liked.get(user_id, ()))
+        return Lookup(held.users.get(user_id), items, distilled, liked, folded)
 
     async def cache_distilled(self, version: str, vectors: dict[str, np.ndarray]) -> None:
         held = self._versions.get(version)
@@ -184,3 +255,16 @@ class InMemoryStore(Store):
         held.distilled.update(vectors)
         while len(held.distilled) > self._max_distilled:
             held.distilled.popitem(last=False)
+
+    async def cache_folded(self, version: str, fold: str, vector: np.ndarray) -> None:
+        held = self._versions.get(version)
+        if held is None:
+            return
+        held.folded[fold] = vector
+        while len(held.folded) > self._max_distilled:
+            held.folded.popitem(last=False)
+
+    async def add_liked(self, user_id: str, liked: Sequence[LikedItem], keep: int) -> int:
+        merged, added = merge_liked(self._liked.get(user_id, ()), liked, keep)
+        self._liked[user_id] = merged
+        return added
