@@ -70,6 +70,6 @@ def test_fold_in_recovers_a_user_from_their_liked_items_better_than_the_prior():
     items, true_user = torch.randn(200, 8, generator=g), torch.randn(8, generator=g)
     liked = items[(items @ true_user) > 1.0]
     prior = torch.randn(8, generator=g)
-    folded = fold_in(liked, prior)
+    folded = fold_in(liked, prior, reg=1.0, target=1.0)
     cos = torch.nn.functional.cosine_similarity
     assert cos(folded, true_user, dim=0) > 0.7 > cos(prior, true_user, dim=0)
