@@ -7,13 +7,22 @@ Decisions (also in docs/api.md):
   known and cold users; absent, the stored history is used: the version's, then the
   positives recorded by POST /events (empty for a cold user without events). Only the
   last `history_length` entries (10 in the paper) reach the prompt.
-- A user the MF never saw, with a history of known items: a collaborative vector folded in
-  from those items' MF vectors (model.collab.fold_in over the same last `history_length`
-  entries, so a stored and a sent history give the same scores), cached in the store under
-  the version. Without such a history: the version's neutral collaborative vector. Unknown item with a title:
-  neutral collaborative vector and a semantic vector distilled from the title (cached in
-  the store under the version). Unknown item without a title: 422 `unknown_items`
-  naming every such id (candidates and history alike).
+- A user the MF never saw gets a collaborative vector folded in from the MF vectors of the
+  items they interacted with, the first of these that applies:
+  1. labelled fold-in: the user's labelled events recorded by POST /events (their last
+     `events_keep`, either label) hold a negative on an item the version knows:
+     model.collab.fold_in_labelled over the known ones (the row MF's BCE training would fit).
+     Stored facts about the user, like an MF row: used whether or not the request sends a
+     history.
+  2. positives-only fold-in: the history the prompt uses (sent or stored, its last
+     `history_length` entries) holds known items: model.collab.fold_in over them, so a
+     stored and a sent history give the same scores.
+  3. the version's neutral collaborative vector.
+  The vector is cached in the store under the version, keyed by everything it was computed
+  from (store.fold_key), so a new event that changes the inputs changes the key.
+- Unknown item with a title: neutral collaborative vector and a semantic vector distilled
+  from the title (cached in the store under the version). Unknown item without a title:
+  422 `unknown_items` naming every such id (candidates and history alike).
 - A known item is always scored with its stored title and vectors; a title sent with it
   is ignored.
 - Duplicate candidates are scored at each occurrence (computed once).
@@ -30,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.collab import fold_in
+from model.collab import fold_in, fold_in_labelled
 from model.encoding import PromptEncoder
 from model.prompts import ALL_SLOTS, TemplateSpec, distillation_prompt, item_prompt, user_prompt
 from service.backend import Backend
@@ -239,33 +248,54 @@ class Engine:
     async def _fold_in(
         self, served: ServedVersion, lookup: Lookup, history: list[str], looked_up: bool
     ) -> np.ndarray:
-        """The collaborative vector of a user the MF never saw: folded in from the MF vectors of
-        the known items of `history` (cached under the version), else the neutral vector.
-        `looked_up`: the first round trip already read these items and the cached vector."""
-        if not history:
+        """The collaborative vector of a user the MF never saw (see the module's decisions): folded
+        in from their labelled events when those hold a negative, else from the known items of
+        `history`, else the neutral vector; cached under the version by `fold_key`.
+        `looked_up`: the first round trip already read `history`'s items and its cached vector."""
+        labelled = [(e.item_id, e.label) for e in lookup.labelled]
+        if not any(label == 0 for _, label in labelled):
+            labelled = []  # no negative: nothing beyond the positives-only fold-in of the history
+        if not history and not labelled:
             return served.neutral_user
-        fold = fold_key(history)
-        folded, items = lookup.folded, lookup.items
-        if not looked_up:
-            start = time.perf_counter()
-            try:
-                again = await self.store.lookup(served.version, None, list(dict.fromkeys(history)), [], fold)
-            finally:
-                self.metrics.store_seconds.labels(op="fold_in").observe(time.perf_counter() - start)
-            folded, items = again.folded, again.items
+        fold = fold_key(history, labelled)
+        folded, items = lookup.folded, dict(lookup.items)
+        if labelled or not looked_up:
+            # The cached vector first; the items (up to `events_keep`) only when it is missing.
+            folded = (await self._read(served, [], fold)).folded
+            if folded is None:
+                ids = dict.fromkeys([*history, *(i for i, _ in labelled)])
+                items.update((await self._read(served, [i for i in ids if i not in items], None)).items)
         if folded is not None:
             self.metrics.fold_ins.labels(source="cache").inc()
             return folded
-        vectors = [items[i].collab for i in history if i in items]
-        if not vectors:
-            return served.neutral_user
         prior = torch.from_numpy(np.array(served.neutral_user, dtype=np.float32))
-        vector = fold_in(torch.from_numpy(np.stack(vectors)), prior).numpy()
+        known = [(items[i].collab, label) for i, label in labelled if i in items]
+        vectors = [items[i].collab for i in history if i in items]
+        if any(label == 0 for _, label in known):
+            vector = fold_in_labelled(
+                torch.from_numpy(np.stack([v for v, _ in known])),
+                torch.tensor([label for _, label in known]),
+                prior,
+            ).numpy()
+        elif vectors:
+            vector = fold_in(torch.from_numpy(np.stack(vectors)), prior).numpy()
+        else:
+            return served.neutral_user
         self.metrics.fold_ins.labels(source="computed").inc()
         self._in_background(
             lambda: self.store.cache_folded(served.version, fold, vector), "caching a fold-in vector"
         )
         return vector
+
+    async def _read(self, served: ServedVersion, item_ids: list[str], fold: str | None) -> Lookup:
+        """A fold-in round trip: items and/or a cached fold-in vector, no user."""
+        if not item_ids and fold is None:
+            return Lookup(None, {}, {})
+        start = time.perf_counter()
+        try:
+            return await self.store.lookup(served.version, None, item_ids, [], fold)
+        finally:
+            self.metrics.store_seconds.labels(op="fold_in").observe(time.perf_counter() - start)
 
     def _candidates(
         self, served: ServedVersion, lookup: Lookup, items: Sequence[ItemInput]

@@ -9,9 +9,15 @@ Decisions (also in docs/api.md):
 - The overlay keeps the user's last `keep` positives ordered by event time (ties: arrival
   order), and an event id already kept is not added twice, so a retried batch is harmless.
   Events without an id are never deduplicated.
-- Items must be known to the served version or carry a title (else 422 `unknown_items`,
-  nothing written); the title is kept with the event so that reading the history needs no
-  item lookup. Negatives are counted and not stored: the history lists liked items only.
+- Every event, of either label, also goes to the same overlay's labelled list: the user's
+  last `keep` (item, label) events, in the same order and with the same deduplication. The
+  history lists liked items only (negatives never reach the prompt); the labelled list is
+  what a user the MF never saw is folded in from (model.collab.fold_in_labelled, see
+  service/engine.py). Both lists are written by one atomic store call per user.
+- Positives' items must be known to the served version or carry a title (else 422
+  `unknown_items`, nothing written); the title is kept with the event so that reading the
+  history needs no item lookup. Negatives need neither: a negative on an item the served
+  version does not know is kept, and fold-in skips it until a version knows the item.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from dataclasses import dataclass
 
 from service.engine import Engine
 from service.errors import StoreUnavailable, TooLarge, UnknownItems
-from service.store import LikedItem
+from service.store import LabelledEvent, LikedItem
 
 
 @dataclass(frozen=True)
@@ -34,7 +40,7 @@ class EventInput:
     user_id: str
     #: External item id.
     item_id: str
-    #: 1: liked (extends the history); 0: not liked (counted only).
+    #: 1: liked (extends the history); 0: not liked. Both are kept for fold-in.
     label: int
     #: When it happened, Unix seconds (None: when it was received).
     timestamp: float | None = None
@@ -52,12 +58,13 @@ class EventOutcome:
     recorded: int
     #: Positives whose event id was already recorded.
     duplicates: int
-    #: Negatives (counted, not stored).
+    #: Negatives received (kept in the labelled list, not in the history).
     negatives: int
 
 
 class EventRecorder:
-    """Writes positives into the store's per-user overlays, checked against the served version."""
+    """Writes events into the store's per-user overlays (positives checked against the served
+    version): positives to the history, every event to the labelled list."""
 
     def __init__(self, engine: Engine, keep: int = 100, max_events: int = 1000) -> None:
         self.engine = engine
@@ -71,24 +78,25 @@ class EventRecorder:
         positives = [e for e in events if e.label == 1]
         negatives = len(events) - len(positives)
         titles = await self._titles(positives)
-        by_user: dict[str, list[LikedItem]] = {}
-        for e in positives:
-            by_user.setdefault(e.user_id, []).append(
-                LikedItem(
-                    e.item_id,
-                    titles[e.item_id] if e.item_id in titles else str(e.title),
-                    received if e.timestamp is None else float(e.timestamp),
-                    e.event_id or "",
-                )
-            )
+        liked: dict[str, list[LikedItem]] = {}
+        labelled: dict[str, list[LabelledEvent]] = {}
+        for e in events:
+            when, event_id = received if e.timestamp is None else float(e.timestamp), e.event_id or ""
+            labelled.setdefault(e.user_id, []).append(LabelledEvent(e.item_id, e.label, when, event_id))
+            if e.label == 1:
+                title = titles[e.item_id] if e.item_id in titles else str(e.title)
+                liked.setdefault(e.user_id, []).append(LikedItem(e.item_id, title, when, event_id))
         store, metrics = self.engine.store, self.engine.metrics
         start = time.perf_counter()
         try:
-            writes = (store.add_liked(user, liked, self.keep) for user, liked in by_user.items())
+            writes = (
+                store.add_events(user, liked.get(user, []), batch, self.keep)
+                for user, batch in labelled.items()
+            )
             added = await asyncio.gather(*writes)
         finally:
             metrics.store_seconds.labels(op="events").observe(time.perf_counter() - start)
-        recorded = sum(added)
+        recorded = sum(liked_added for liked_added, _ in added)
         metrics.events.labels(outcome="recorded").inc(recorded)
         metrics.events.labels(outcome="duplicate").inc(len(positives) - recorded)
         metrics.events.labels(outcome="negative").inc(negatives)

@@ -7,7 +7,9 @@
     {p}:v:{version}:i:{item_id}     hash: title (UTF-8), collab, semantic (float32 LE bytes)
     {p}:v:{version}:d:{title_key}   string: distilled semantic vector of a cold item (with a TTL)
     {p}:v:{version}:f:{fold_key}    string: fold-in vector of a history, for users the MF never saw (TTL)
-    {p}:e:{user_id}                 string: the user's POST /events positives (JSON), over every version
+    {p}:e:{user_id}                 string: the user's POST /events overlay (JSON), over every version:
+                                    {"liked": [[event_id, ts, item_id, title], ...],
+                                     "labelled": [[event_id, ts, item_id, label], ...]}
 
 A version's meta hash exists only once the load has been verified; the server never
 reads a version without it. Every lookup is one pipelined round trip (in a Redis Cluster,
@@ -36,7 +38,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from service.errors import StoreUnavailable
-from service.store import ItemRecord, LikedItem, Lookup, Store, UserRecord, title_key
+from service.store import ItemRecord, LabelledEvent, LikedItem, Lookup, Store, UserRecord, title_key
 from service.versions import VersionMeta
 
 T = TypeVar("T")
@@ -51,35 +53,51 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 #: A client of one Redis server or of a Redis Cluster: the store uses what both share.
 Client = redis.Redis | RedisCluster
 
-#: `service.store.merge_liked` as one atomic script on the overlay key. The overlay is a JSON
-#: array of [event_id, timestamp, item_id, title]; ARGV[1] = entries to keep, ARGV[2..] = new
-#: entries in arrival order. Returns how many were new (not a repeated event id).
-MERGE_LIKED = """
-local keep = tonumber(ARGV[1])
-local raw = redis.call('GET', KEYS[1])
-local kept = {}
-if raw then kept = cjson.decode(raw) end
-local added = 0
-for k = 2, #ARGV do
-  local event = cjson.decode(ARGV[k])
-  local seen = false
-  if event[1] ~= '' then
-    for _, old in ipairs(kept) do
-      if old[1] == event[1] then seen = true break end
+#: `service.store.merge_events` on both lists of the overlay, as one atomic script on the
+#: overlay key (see the key layout above; an overlay written as a bare JSON array, as the
+#: first events code did, is read as the positives). ARGV[1] = entries to keep per list,
+#: ARGV[2] = how many positives follow, then the new positives and the new labelled events,
+#: each in arrival order. Returns {positives added, labelled events added} (not repeated ids).
+#: cjson writes an empty list as {}: readers take a missing or empty list as [].
+MERGE_EVENTS = """
+local function merge(kept, first, last)
+  local added = 0
+  for k = first, last do
+    local event = cjson.decode(ARGV[k])
+    local seen = false
+    if event[1] ~= '' then
+      for _, old in ipairs(kept) do
+        if old[1] == event[1] then seen = true break end
+      end
+    end
+    if not seen then
+      local pos = #kept + 1
+      while pos > 1 and kept[pos - 1][2] > event[2] do pos = pos - 1 end
+      table.insert(kept, pos, event)
+      added = added + 1
     end
   end
-  if not seen then
-    local pos = #kept + 1
-    while pos > 1 and kept[pos - 1][2] > event[2] do pos = pos - 1 end
-    table.insert(kept, pos, event)
-    added = added + 1
+  while #kept > tonumber(ARGV[1]) do table.remove(kept, 1) end
+  return added
+end
+local raw = redis.call('GET', KEYS[1])
+local liked, labelled = {}, {}
+if raw then
+  local stored = cjson.decode(raw)
+  if string.sub(raw, 1, 1) == '[' then
+    liked = stored
+  else
+    if type(stored.liked) == 'table' then liked = stored.liked end
+    if type(stored.labelled) == 'table' then labelled = stored.labelled end
   end
 end
-while #kept > keep do table.remove(kept, 1) end
-if added > 0 then
-  if #kept > 0 then redis.call('SET', KEYS[1], cjson.encode(kept)) else redis.call('DEL', KEYS[1]) end
+local n_liked = tonumber(ARGV[2])
+local added_liked = merge(liked, 3, 2 + n_liked)
+local added_labelled = merge(labelled, 3 + n_liked, #ARGV)
+if added_liked + added_labelled > 0 then
+  redis.call('SET', KEYS[1], cjson.encode({liked = liked, labelled = labelled}))
 end
-return added
+return {added_liked, added_labelled}
 """
 
 
@@ -109,13 +127,29 @@ class Keys:
     def folded(self, version: str, fold: str) -> str:
         return f"{self.namespace(version)}:f:{fold}"
 
-    def liked(self, user_id: str) -> str:
+    def events(self, user_id: str) -> str:
         return f"{self.prefix}:e:{user_id}"
 
 
 def vector(raw: bytes) -> np.ndarray:
     """Raw little-endian float32 bytes -> a read-only [d] array (no copy)."""
     return np.frombuffer(raw, dtype="<f4")
+
+
+def overlay(raw: bytes | None) -> tuple[tuple[LikedItem, ...], tuple[LabelledEvent, ...]]:
+    """A stored POST /events overlay -> (positives, labelled events), oldest first."""
+    stored = json.loads(raw) if raw else {}
+    if isinstance(stored, list):  # the first layout: positives only
+        stored = {"liked": stored}
+    liked = tuple(
+        LikedItem(item_id, title, float(ts), event_id)
+        for event_id, ts, item_id, title in stored.get("liked") or []
+    )
+    labelled = tuple(
+        LabelledEvent(item_id, int(label), float(ts), event_id)
+        for event_id, ts, item_id, label in stored.get("labelled") or []
+    )
+    return liked, labelled
 
 
 def is_cluster_url(url: str) -> bool:
@@ -217,7 +251,7 @@ class RedisStore(Store):
             pipe.get(self.keys.folded(version, fold))
         if user_id is not None:
             pipe.hmget(self.keys.user(version, user_id), USER_FIELDS)
-            pipe.get(self.keys.liked(user_id))
+            pipe.get(self.keys.events(user_id))
         for item_id in item_ids:
             pipe.hmget(self.keys.item(version, item_id), ITEM_FIELDS)
         for title in titles:
@@ -229,11 +263,8 @@ class RedisStore(Store):
             folded = vector(raw) if raw is not None else None
         if user_id is None:
             return Lookup(None, *self._items_and_distilled(item_ids, titles, replies), folded=folded)
-        (collab, history, history_titles), raw_liked, replies = replies[0], replies[1], replies[2:]
-        liked = tuple(
-            LikedItem(item_id, title, float(ts), event_id)
-            for event_id, ts, item_id, title in json.loads(raw_liked or b"[]")
-        )
+        (collab, history, history_titles), raw_overlay, replies = replies[0], replies[1], replies[2:]
+        liked, labelled = overlay(raw_overlay)
         user = None
         if collab is not None:
             user = UserRecord(
@@ -242,7 +273,7 @@ class RedisStore(Store):
                 tuple(json.loads(history_titles or b"[]")),
             )
         items, distilled = self._items_and_distilled(item_ids, titles, replies)
-        return Lookup(user, items, distilled, liked, folded)
+        return Lookup(user, items, distilled, liked, labelled, folded)
 
     @staticmethod
     def _items_and_distilled(
@@ -278,21 +309,24 @@ class RedisStore(Store):
             self.distilled_ttl_s,
         )
 
-    async def add_liked(self, user_id: str, liked: Sequence[LikedItem], keep: int) -> int:
+    async def add_events(
+        self, user_id: str, liked: Sequence[LikedItem], labelled: Sequence[LabelledEvent], keep: int
+    ) -> tuple[int, int]:
         """One atomic script call; not retried (an event without an id would be added twice)."""
         args = [json.dumps([e.event_id, e.timestamp, e.item_id, e.title]) for e in liked]
-        return int(
-            await self._call(
-                "record events",
-                self.client.eval,
-                MERGE_LIKED,
-                1,
-                self.keys.liked(user_id),
-                keep,
-                *args,
-                attempts=1,
-            )
+        args += [json.dumps([e.event_id, e.timestamp, e.item_id, e.label]) for e in labelled]
+        added_liked, added_labelled = await self._call(
+            "record events",
+            self.client.eval,
+            MERGE_EVENTS,
+            1,
+            self.keys.events(user_id),
+            keep,
+            len(liked),
+            *args,
+            attempts=1,
         )
+        return int(added_liked), int(added_labelled)
 
     async def close(self) -> None:
         await self.client.aclose()

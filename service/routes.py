@@ -102,7 +102,8 @@ async def rerank(body: RerankRequest, engine: Engine = Depends(engine)) -> Reran
 async def events(
     body: Event | EventBatch, request: Request, engine: Engine = Depends(engine)
 ) -> EventsResponse:
-    """Record interactions: positives extend the user's stored history, seen by the next /score."""
+    """Record interactions: positives extend the user's stored history, seen by the next /score;
+    every event (either label) joins the user's labelled events, the source of fold-in."""
     settings = request.app.state.runtime.settings
     recorder = EventRecorder(engine, keep=settings.events_keep, max_events=settings.max_events)
     given = body.events if isinstance(body, EventBatch) else [body]

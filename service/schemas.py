@@ -110,9 +110,10 @@ class Event(_Wire):
     user_id: Id
     """External user id (known to the store or not)."""
     item_id: Id
-    """External item id; it must be known to the store unless `title` is given."""
+    """External item id; for a positive it must be known to the store unless `title` is given."""
     label: Literal[0, 1]
-    """1: liked, appended to the user's stored history; 0: not liked, counted and not stored."""
+    """1: liked, appended to the user's stored history; 0: not liked. Either label is also kept in
+    the user's labelled events, from which a user the MF never saw is folded in."""
     timestamp: float | None = None
     """When it happened, Unix seconds; the history is ordered by it. Absent: when it was received."""
     event_id: Id | None = None
@@ -136,7 +137,7 @@ class EventsResponse(_Wire):
     duplicates: int
     """Positives whose `event_id` was already recorded (not added again)."""
     negatives: int
-    """Negatives received (counted in metrics, not stored)."""
+    """Negatives received (kept in the user's labelled events, never in the history)."""
 
 
 class ErrorBody(_Wire):

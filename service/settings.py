@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     max_events: int = Field(1000, ge=1)
     """Most events one POST /events may carry; more answers 413."""
     events_keep: int = Field(100, ge=1)
-    """Most positives from POST /events kept per user, oldest dropped first (the prompt uses the last 10)."""
+    """Per user, the most positives from POST /events kept as history (the prompt uses the last 10)
+    and the most labelled events (either label) kept for fold-in; oldest dropped first."""
     max_queue: int = Field(64, ge=1)
     """Most requests waiting for the model; one more answers 429 with Retry-After."""
     batch_wait_ms: float = Field(2.0, ge=0)

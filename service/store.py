@@ -14,9 +14,11 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import numpy as np
 
+from model import collab
 from model.artifacts import Bundle
 from service.versions import VersionMeta, meta_from_bundle
 
@@ -59,6 +61,31 @@ class LikedItem:
     event_id: str = ""
 
 
+@dataclass(frozen=True)
+class LabelledEvent:
+    """An event of either label kept in a user's overlay (POST /events), for labelled fold-in."""
+
+    #: External item id.
+    item_id: str
+    #: 1: liked; 0: not liked.
+    label: int
+    #: When it happened (Unix seconds); the overlay is ordered by it, ties in arrival order.
+    timestamp: float
+    #: The caller's event id ("" when none was sent: such events are never deduplicated).
+    event_id: str = ""
+
+
+class _Timed(Protocol):
+    @property
+    def timestamp(self) -> float: ...
+
+    @property
+    def event_id(self) -> str: ...
+
+
+E = TypeVar("E", bound=_Timed)
+
+
 @dataclass
 class Lookup:
     """Everything one request needs from the store, read in one round trip."""
@@ -71,6 +98,8 @@ class Lookup:
     distilled: dict[str, np.ndarray]
     #: Positives recorded by POST /events for this user, oldest first (any version).
     liked: tuple[LikedItem, ...] = ()
+    #: The user's last labelled events of either label from POST /events, oldest first.
+    labelled: tuple[LabelledEvent, ...] = ()
     #: The cached fold-in vector asked for with `fold_key` (None: not cached or not asked).
     folded: np.ndarray | None = None
 
@@ -80,17 +109,23 @@ def title_key(title: str) -> str:
     return hashlib.sha256(title.encode()).hexdigest()[:32]
 
 
-def fold_key(history: Sequence[str]) -> str:
-    """Cache key of a fold-in vector: it depends on the history's item ids only (and the version)."""
-    return hashlib.sha256(json.dumps(list(history)).encode()).hexdigest()[:32]
+def fold_key(history: Sequence[str], labelled: Sequence[tuple[str, int]] = ()) -> str:
+    """Cache key of a fold-in vector (kept under the version): it covers every input of the fold-in,
+    the history's item ids, the labelled (item id, label) pairs and the fold-in's settings, so it
+    changes whenever a new event changes what the fold-in sees. Without labelled pairs it is the
+    key of the positives-only fold-in of `history`."""
+    settings = [collab.FOLD_IN_REG, collab.FOLD_IN_TARGET]
+    if labelled:
+        settings += [collab.FOLD_IN_LABELLED_REG, collab.FOLD_IN_STEPS]
+    inputs = [list(history), [[i, int(y)] for i, y in labelled], settings]
+    return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:32]
 
 
-def merge_liked(
-    kept: Sequence[LikedItem], new: Sequence[LikedItem], keep: int
-) -> tuple[list[LikedItem], int]:
-    """`kept` plus the `new` positives not seen before (by event id), ordered by timestamp (ties:
-    arrival order), the oldest dropped beyond `keep`; and how many were new. The Redis store runs
-    the same merge in a Lua script (redis_store.MERGE_LIKED)."""
+def merge_events(kept: Sequence[E], new: Sequence[E], keep: int) -> tuple[list[E], int]:
+    """`kept` plus the `new` events not seen before (by event id), ordered by timestamp (ties:
+    arrival order), the oldest dropped beyond `keep`; and how many were new. Used for both lists
+    of the overlay (positives, labelled events); the Redis store runs the same merge in a Lua
+    script (redis_store.MERGE_EVENTS)."""
     out, added = list(kept), 0
     for event in new:
         if event.event_id and any(old.event_id == event.event_id for old in out):
@@ -142,8 +177,11 @@ class Store(ABC):
         """Remember a fold-in vector under `version` by its `fold_key`."""
 
     @abstractmethod
-    async def add_liked(self, user_id: str, liked: Sequence[LikedItem], keep: int) -> int:
-        """Merge positives into the user's overlay (see `merge_liked`); returns how many were new."""
+    async def add_events(
+        self, user_id: str, liked: Sequence[LikedItem], labelled: Sequence[LabelledEvent], keep: int
+    ) -> tuple[int, int]:
+        """Merge positives and labelled events into the user's overlay, atomically (see
+        `merge_events`; each list keeps its last `keep`); returns how many of each were new."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections."""
@@ -196,8 +234,9 @@ class InMemoryStore(Store):
         self._versions: dict[str, _Version] = {}
         self._active: str | None = None
         self._max_distilled = max_distilled
-        #: POST /events positives by user: an overlay over every version.
+        #: POST /events positives and labelled events by user: an overlay over every version.
         self._liked: dict[str, list[LikedItem]] = {}
+        self._labelled: dict[str, list[LabelledEvent]] = {}
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> InMemoryStore:
@@ -246,7 +285,8 @@ class InMemoryStore(Store):
         if user_id is None:
             return Lookup(None, items, distilled, folded=folded)
         liked = tuple(self._liked.get(user_id, ()))
-        return Lookup(held.users.get(user_id), items, distilled, liked, folded)
+        labelled = tuple(self._labelled.get(user_id, ()))
+        return Lookup(held.users.get(user_id), items, distilled, liked, labelled, folded)
 
     async def cache_distilled(self, version: str, vectors: dict[str, np.ndarray]) -> None:
         held = self._versions.get(version)
@@ -264,7 +304,9 @@ class InMemoryStore(Store):
         while len(held.folded) > self._max_distilled:
             held.folded.popitem(last=False)
 
-    async def add_liked(self, user_id: str, liked: Sequence[LikedItem], keep: int) -> int:
-        merged, added = merge_liked(self._liked.get(user_id, ()), liked, keep)
-        self._liked[user_id] = merged
-        return added
+    async def add_events(
+        self, user_id: str, liked: Sequence[LikedItem], labelled: Sequence[LabelledEvent], keep: int
+    ) -> tuple[int, int]:
+        self._liked[user_id], added_liked = merge_events(self._liked.get(user_id, ()), liked, keep)
+        self._labelled[user_id], added = merge_events(self._labelled.get(user_id, ()), labelled, keep)
+        return added_liked, added

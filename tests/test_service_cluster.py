@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from model.artifacts import load_bundle
 from service.redis_store import RedisStore, connect
+from service.store import LabelledEvent, LikedItem
 from service.store_admin import StoreAdmin
 from service.store_cli import app as store_cli
 
@@ -176,6 +177,57 @@ async def test_fold_in_vectors_are_cached_in_redis_under_the_version(admin, stor
     assert len(keys) == 1 and len(await admin.client.get(keys[0])) == 4 * 16
     assert (computed, cached) == (1, 2)
     assert scores(first) == scores(second) == scores(sent)
+
+
+async def test_labelled_events_fold_in_on_redis_as_in_process(admin, store_url, tiny_bundle_dir):
+    """Negatives reach the overlay's labelled list; the fold-in and its cache key follow them."""
+    url, prefix = store_url
+    version = (await admin.load(load_bundle(tiny_bundle_dir))).version
+    events = [("i2", 1, 1.0), ("i3", 0, 2.0), ("i6", 1, 3.0), ("i7", 0, 4.0)]
+    batch = {
+        "events": [{"user_id": "newcomer", "item_id": i, "label": y, "timestamp": ts} for i, y, ts in events]
+    }
+    later = {"user_id": "newcomer", "item_id": "i5", "label": 0, "timestamp": 5.0}
+    ask = {"user_id": "newcomer", "items": CANDIDATES}
+    answers = {}
+    on_redis = quick_settings(redis_url=url, redis_prefix=prefix)
+    for where, settings in (("memory", quick_settings()), ("redis", on_redis)):
+        async with serving(tiny_bundle_dir, settings) as (client, app):
+            await client.post("/events", json=batch)
+            before = await client.post("/score", json=ask)
+            await client.post("/events", json=later)
+            after = await client.post("/score", json=ask)
+            await app.state.runtime.engine.flush()
+            answers[where] = (scores(before), scores(after))
+    assert answers["redis"][0] == pytest.approx(answers["memory"][0], abs=1e-6)
+    assert answers["redis"][1] == pytest.approx(answers["memory"][1], abs=1e-6)
+    assert answers["redis"][0] != answers["redis"][1]
+    keys = [k async for k in admin.client.scan_iter(match=f"{prefix}:v:{version}:f:*")]
+    assert len(keys) == 2  # one fold-in vector per state of the labelled events
+
+
+async def test_the_overlay_script_bounds_both_lists_and_reads_the_first_layout(store_url):
+    url, prefix = store_url
+    store = RedisStore.from_url(url, prefix, timeout_s=5.0)
+    try:
+        # The first layout (positives only, a bare JSON array) is read and merged into.
+        await store.client.set(store.keys.events("old"), b'[["e0", 1.0, "i1", "One"]]')
+        added = await store.add_events(
+            "old",
+            [LikedItem("i2", "Two", 2.0, "e1")],
+            [LabelledEvent("i2", 1, 2.0, "e1"), LabelledEvent("i3", 0, 3.0, "e2"), LabelledEvent("i4", 0, 4)],
+            keep=2,
+        )
+        again = await store.add_events("old", [], [LabelledEvent("i3", 0, 3.0, "e2")], keep=2)
+        lookup = await store.lookup("no-version", "old", [], [])
+        negatives_only = await store.add_events("neg", [], [LabelledEvent("i5", 0, 1.0)], keep=2)
+        neg = await store.lookup("no-version", "neg", [], [])
+    finally:
+        await store.close()
+    assert added == (1, 3) and again == (0, 0)
+    assert [(e.item_id, e.title) for e in lookup.liked] == [("i1", "One"), ("i2", "Two")]
+    assert [(e.item_id, e.label) for e in lookup.labelled] == [("i3", 0), ("i4", 0)]
+    assert negatives_only == (0, 1) and neg.liked == () and [e.item_id for e in neg.labelled] == ["i5"]
 
 
 def test_store_cli_loads_into_a_cluster_url(cluster_url, tiny_bundle_dir):
