@@ -198,6 +198,18 @@ def main() -> None:
             f"| {gaps.mean():+.4f} [{ulo:+.4f}, {uhi:+.4f}] |"
         )
 
+    # Diagnostic: how much of a gain a per-user base rate alone would give (not a user vector):
+    # the neutral score plus the logit of the user's smoothed positive rate over the same window.
+    def base_rate(u: int) -> float:
+        window = events[u][1][-k:]
+        rate = (sum(window) + 1) / (len(window) + 2)
+        return float(np.log(rate / (1 - rate)))
+
+    offset = neutral_scores + np.array([base_rate(int(u)) for u in uids])
+    auc, user_auc = metrics(report, offset)
+    print(f"\ndiagnostic, neutral score + logit of the user's positive rate in the last {k} events")
+    print(f"(a per-user bias, no user vector): AUC {auc:.4f}, UAUC {user_auc:.4f}")
+
 
 if __name__ == "__main__":
     main()
