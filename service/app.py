@@ -74,6 +74,7 @@ def make_store(settings: Settings, loaded: LoadedModel) -> Store:
             settings.redis_url,
             settings.redis_prefix,
             timeout_s=settings.redis_timeout_s,
+            cluster=settings.redis_cluster,
             distilled_ttl_s=settings.cold_cache_ttl_s,
         )
     return InMemoryStore.from_bundle(loaded.bundle)

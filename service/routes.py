@@ -11,8 +11,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.engine import Engine, ItemInput
 from service.errors import Unauthorized
+from service.events import EventInput, EventRecorder
 from service.schemas import (
     ErrorResponse,
+    Event,
+    EventBatch,
+    EventsResponse,
     Health,
     ItemRef,
     ItemScore,
@@ -92,6 +96,23 @@ async def rerank(body: RerankRequest, engine: Engine = Depends(engine)) -> Reran
         for k, s in ((k, outcome.scores[k]) for k in order)
     ]
     return RerankResponse(model=outcome.model, results=results)
+
+
+@router.post("/events", responses=_ERRORS, dependencies=[Depends(authorize)], tags=["events"])
+async def events(
+    body: Event | EventBatch, request: Request, engine: Engine = Depends(engine)
+) -> EventsResponse:
+    """Record interactions: positives extend the user's stored history, seen by the next /score;
+    every event (either label) joins the user's labelled events, the source of fold-in."""
+    settings = request.app.state.runtime.settings
+    recorder = EventRecorder(engine, keep=settings.events_keep, max_events=settings.max_events)
+    given = body.events if isinstance(body, EventBatch) else [body]
+    outcome = await recorder.record(
+        [EventInput(e.user_id, e.item_id, e.label, e.timestamp, e.event_id, e.title) for e in given]
+    )
+    return EventsResponse(
+        recorded=outcome.recorded, duplicates=outcome.duplicates, negatives=outcome.negatives
+    )
 
 
 @router.get("/healthz", tags=["operations"], response_model_exclude_none=True)

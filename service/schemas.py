@@ -104,6 +104,42 @@ class RerankResponse(_Wire):
     """The best `top_n` candidates (all if `top_n` is absent), best first."""
 
 
+class Event(_Wire):
+    """One interaction: a user liked (1) or did not like (0) an item."""
+
+    user_id: Id
+    """External user id (known to the store or not)."""
+    item_id: Id
+    """External item id; for a positive it must be known to the store unless `title` is given."""
+    label: Literal[0, 1]
+    """1: liked, appended to the user's stored history; 0: not liked. Either label is also kept in
+    the user's labelled events, from which a user the MF never saw is folded in."""
+    timestamp: float | None = None
+    """When it happened, Unix seconds; the history is ordered by it. Absent: when it was received."""
+    event_id: Id | None = None
+    """The caller's id of the event: an event id already recorded for the user is not added again."""
+    title: Title | None = None
+    """Item title, for an item the store does not know; ignored for a known item."""
+
+
+class EventBatch(_Wire):
+    """Several interactions, recorded in order."""
+
+    events: list[Event] = Field(min_length=1)
+    """The events, oldest first when they carry no timestamp."""
+
+
+class EventsResponse(_Wire):
+    """What the events did."""
+
+    recorded: int
+    """Positives added to users' stored histories."""
+    duplicates: int
+    """Positives whose `event_id` was already recorded (not added again)."""
+    negatives: int
+    """Negatives received (kept in the user's labelled events, never in the history)."""
+
+
 class ErrorBody(_Wire):
     """What went wrong."""
 

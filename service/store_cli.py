@@ -19,7 +19,13 @@ T = TypeVar("T")
 
 app = typer.Typer(help="Manage the service's embedding store in Redis.", no_args_is_help=True)
 
-RedisUrl = Annotated[str, typer.Option(envvar="SELLAREC_REDIS_URL", help="Redis URL (redis://, rediss://).")]
+RedisUrl = Annotated[
+    str,
+    typer.Option(
+        envvar="SELLAREC_REDIS_URL",
+        help="Redis URL (redis://, rediss://; redis+cluster://, rediss+cluster:// for a Redis Cluster).",
+    ),
+]
 Prefix = Annotated[
     str, typer.Option(envvar="SELLAREC_REDIS_PREFIX", help="Key prefix of the service's keys.")
 ]
