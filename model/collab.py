@@ -31,26 +31,75 @@ class MatrixFactorization(nn.Module):
         return F.binary_cross_entropy_with_logits(self(users, items), labels.float())
 
 
-class CollabProjector(nn.Module):
+def at_norm(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """`x` rescaled row-wise to L2 norm `norm`; unchanged where `norm` is 0 (scale left free)."""
+    if float(norm) <= 0:
+        return x
+    return x * (norm / x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+
+
+class _Projector(nn.Module):
+    """A soft-token projection whose output may be pinned to a fixed L2 norm.
+
+    Design decision (the paper leaves the scale free): a soft token replaces a placeholder's
+    input embedding, so it enters the frozen LLM where only vocabulary embeddings ever did.
+    With `out_norm` > 0 every projected vector has exactly that norm, the median norm of the
+    backbone's own token embeddings (`vocabulary_norm`), from the warm start on and through
+    stage 3; only its direction is learned. `out_norm` = 0 is the paper-literal free scale
+    (kept as an ablation). The norm is a buffer, so it travels in the bundle's state dict.
+    """
+
+    out_norm: torch.Tensor
+
+    def __init__(self, out_norm: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("out_norm", torch.tensor(float(out_norm)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002
+        # Bundles and stage-2 projections written before the norm existed: free scale.
+        state_dict.setdefault(prefix + "out_norm", torch.tensor(0.0))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return at_norm(self.net(x), self.out_norm)
+
+
+class CollabProjector(_Projector):
     """Proj C->L: Linear(d_C, 1024), GELU, Linear(1024, d_L) (paper Eq. 6)."""
 
-    def __init__(self, collab_dim: int, llm_dim: int, hidden: int = PROJ_HIDDEN) -> None:
-        super().__init__()
+    def __init__(
+        self, collab_dim: int, llm_dim: int, hidden: int = PROJ_HIDDEN, out_norm: float = 0.0
+    ) -> None:
+        super().__init__(out_norm)
         self.net = nn.Sequential(nn.Linear(collab_dim, hidden), nn.GELU(), nn.Linear(hidden, llm_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> CollabProjector:
+        """The projector a state dict describes (dimensions and norm read from it)."""
+        hidden, collab_dim = state["net.0.weight"].shape
+        llm_dim = state["net.2.weight"].shape[0]
+        proj = cls(int(collab_dim), int(llm_dim), hidden=int(hidden))
+        proj.load_state_dict(dict(state))
+        return proj
 
 
-class SemanticProjector(nn.Module):
+class SemanticProjector(_Projector):
     """Proj W->L: Linear(d_L, d_L) on the distilled item semantics, randomly initialised."""
 
-    def __init__(self, llm_dim: int) -> None:
-        super().__init__()
+    def __init__(self, llm_dim: int, out_norm: float = 0.0) -> None:
+        super().__init__(out_norm)
         self.net = nn.Linear(llm_dim, llm_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> SemanticProjector:
+        proj = cls(int(state["net.weight"].shape[0]))
+        proj.load_state_dict(dict(state))
+        return proj
+
+
+def vocabulary_norm(embeddings: torch.Tensor) -> float:
+    """Median L2 norm of a backbone's input token embeddings: the scale soft tokens are put at."""
+    return float(embeddings.detach().float().norm(dim=-1).median())
 
 
 def info_nce(projected: torch.Tensor, semantic: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -63,3 +112,108 @@ def info_nce(projected: torch.Tensor, semantic: torch.Tensor, temperature: float
     logits = z @ s.T / temperature
     target = torch.arange(len(z), device=z.device)
     return F.cross_entropy(logits, target)
+
+
+#: Positives-only fold-in defaults (the fallback when no negative is known): ridge strength and
+#: the logit a liked item should get (see `fold_in`), the best of a small grid on ML-1M
+#: validation users held apart from the reported ones (scripts/eval/foldin.py,
+#: docs/results.md): strong shrinkage towards the prior, since liked items alone barely tell
+#: a user from the mean user.
+FOLD_IN_REG = 100.0
+FOLD_IN_TARGET = 1.0
+
+
+def fold_in(
+    history_item_vectors: torch.Tensor,
+    prior: torch.Tensor,
+    reg: float = FOLD_IN_REG,
+    target: float = FOLD_IN_TARGET,
+) -> torch.Tensor:
+    """MF fold-in: a collaborative vector for a user the MF never saw, from the items they liked.
+
+    With the item table frozen, the user row that MF training would fit to these positives
+    is a ridge regression pulled towards the prior (the neutral vector, the mean trained user):
+
+        u = argmin_u  sum_i (<u, v_i> - target)^2 + reg * ||u - prior||^2
+          = (V^T V + reg I)^-1 (target V^T 1 + reg prior)
+
+    `history_item_vectors` [n, d_C] (n >= 0), `prior` [d_C]; returns [d_C] float32. With no
+    history it is the prior itself, and the more items, the less the prior weighs.
+    """
+    prior = torch.as_tensor(prior, dtype=torch.float64)
+    v = torch.as_tensor(history_item_vectors, dtype=torch.float64).reshape(-1, prior.numel())
+    if len(v) == 0:
+        return prior.float()
+    gram = v.T @ v + reg * torch.eye(prior.numel(), dtype=torch.float64)
+    rhs = target * v.sum(0) + reg * prior
+    return torch.linalg.solve(gram, rhs).float()
+
+
+#: Labelled fold-in defaults: the L2 strength towards the prior and the Newton step budget (see
+#: `fold_in_labelled`); the strength is the best of a small grid on ML-1M validation users held
+#: apart from the reported ones (scripts/eval/foldin.py, docs/results.md).
+FOLD_IN_LABELLED_REG = 3.0
+FOLD_IN_STEPS = 20
+
+
+def fold_in_labelled(
+    item_vectors: torch.Tensor,
+    labels: torch.Tensor,
+    prior: torch.Tensor,
+    reg: float = FOLD_IN_LABELLED_REG,
+    steps: int = FOLD_IN_STEPS,
+    tol: float = 1e-8,
+) -> torch.Tensor:
+    """MF fold-in from labelled interactions: the user row MF training would fit to them.
+
+    MatrixFactorization scores logit(u, i) = <u, v_i> and is trained with BCE, so with the
+    item table frozen the row of a new user with labels y_i in {0, 1} on items v_i is the
+    L2-regularised logistic regression (no intercept: MF has none) pulled to the prior:
+
+        u = argmin_u  sum_i [softplus(<u, v_i>) - y_i <u, v_i>] + reg / 2 * ||u - prior||^2
+
+    solved from u = prior by damped Newton (IRLS) steps, each with a backtracking line search
+    on that objective (strictly convex for reg > 0, so it converges to the one optimum):
+
+        g = V^T (sigmoid(V u) - y) + reg (u - prior),   H = V^T diag(p (1 - p)) V + reg I
+
+    `item_vectors` [n, d_C], `labels` [n] (0/1; repeated items count as often as they come),
+    `prior` [d_C]; returns [d_C] float32, computed in float64 on the CPU, deterministic. With
+    no interactions it is the prior itself. Stops after `steps` Newton steps or once the
+    largest gradient entry is below `tol` (1 + the largest |x_i|) scaled.
+    """
+    if reg <= 0:
+        raise ValueError(f"reg must be positive, got {reg}")
+    prior = torch.as_tensor(prior, dtype=torch.float64).cpu().reshape(-1)
+    v = torch.as_tensor(item_vectors, dtype=torch.float64).cpu().reshape(-1, prior.numel())
+    y = torch.as_tensor(labels, dtype=torch.float64).cpu().reshape(-1)
+    if len(v) != len(y):
+        raise ValueError(f"{len(v)} item vectors but {len(y)} labels")
+    if len(v) == 0:
+        return prior.float()
+    eye = torch.eye(prior.numel(), dtype=torch.float64)
+
+    def objective(u: torch.Tensor) -> torch.Tensor:
+        x = v @ u
+        return (F.softplus(x) - y * x).sum() + 0.5 * reg * (u - prior).square().sum()
+
+    u, value = prior.clone(), objective(prior)
+    for _ in range(steps):
+        p = torch.sigmoid(v @ u)
+        grad = v.T @ (p - y) + reg * (u - prior)
+        if grad.abs().max() <= tol * (1.0 + (v @ u).abs().max()):
+            break
+        hessian = (v.T * (p * (1 - p))) @ v + reg * eye
+        step = torch.cholesky_solve(grad[:, None], torch.linalg.cholesky(hessian))[:, 0]
+        decrease = float(grad @ step)  # > 0: H is positive definite
+        t = 1.0
+        for _ in range(30):  # Armijo backtracking; a full step is taken near the optimum
+            candidate = u - t * step
+            new = objective(candidate)
+            if new <= value - 1e-4 * t * decrease:
+                break
+            t *= 0.5
+        else:
+            break  # no decrease left to find in float64: at the optimum
+        u, value = candidate, new
+    return u.float()

@@ -49,11 +49,9 @@ def load_scorer(
             model = merge(model)
     proj_c = proj_w = None
     if manifest.collab_dim and bundle.state_dict("proj_c"):
-        proj_c = CollabProjector(manifest.collab_dim, info.hidden_size)
-        proj_c.load_state_dict(bundle.state_dict("proj_c"))
+        proj_c = CollabProjector.from_state(bundle.state_dict("proj_c"))
     if bundle.state_dict("proj_w"):
-        proj_w = SemanticProjector(info.hidden_size)
-        proj_w.load_state_dict(bundle.state_dict("proj_w"))
+        proj_w = SemanticProjector.from_state(bundle.state_dict("proj_w"))
     scorer = SellaRec(model, tokenizer, spec, proj_c=proj_c, proj_w=proj_w)
     for proj in (scorer.proj_c, scorer.proj_w):
         if proj is not None:

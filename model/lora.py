@@ -21,15 +21,23 @@ class LoraSettings:
     dropout: float = 0.05
     #: Module names to adapt; q_proj/v_proj exist in Llama, Qwen2 and most HF decoders.
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    #: Adapt only the top `top_layers` decoder layers (0: every layer). Nothing below the
+    #: lowest adapted layer needs gradients, so the backward pass stops there.
+    top_layers: int = 0
 
 
 def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     """Wrap the backbone with a fresh, trainable LoRA (the backbone itself stays frozen)."""
+    layers = None
+    if settings.top_layers > 0:
+        n = int(model.config.get_text_config().num_hidden_layers)
+        layers = list(range(max(0, n - settings.top_layers), n))
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules),
+        layers_to_transform=layers,
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -74,6 +74,7 @@ def make_store(settings: Settings, loaded: LoadedModel) -> Store:
             settings.redis_url,
             settings.redis_prefix,
             timeout_s=settings.redis_timeout_s,
+            cluster=settings.redis_cluster,
             distilled_ttl_s=settings.cold_cache_ttl_s,
         )
     return InMemoryStore.from_bundle(loaded.bundle)
@@ -130,6 +131,20 @@ async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
     return _error(request, err.status_code, kind, str(err.detail), headers=getattr(err, "headers", None))
 
 
+def _guarded_paths(settings: Settings) -> set[str]:
+    """The paths whose routes check the token (/score, /rerank, /events; /metrics when protected).
+
+    One source for both the outer guard (which refuses before any body is read) and the schema.
+    """
+    checks = {authorize, authorize_metrics} if settings.protect_metrics else {authorize}
+    # Our own router's routes: FastAPI >= 0.16x wraps included routers in app.routes.
+    return {
+        route.path
+        for route in router.routes
+        if isinstance(route, APIRoute) and any(d.call in checks for d in route.dependant.dependencies)
+    }
+
+
 def _openapi(app: FastAPI, settings: Settings) -> dict:
     """The schema, declaring the bearer token only on the routes that this server guards.
 
@@ -138,15 +153,7 @@ def _openapi(app: FastAPI, settings: Settings) -> dict:
     """
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-        guarded = set()
-        if settings.api_token is not None:  # the routes whose dependencies check the token
-            checks = {authorize, authorize_metrics} if settings.protect_metrics else {authorize}
-            # Our own router's routes: FastAPI >= 0.16x wraps included routers in app.routes.
-            guarded = {
-                route.path
-                for route in router.routes
-                if isinstance(route, APIRoute) and any(d.call in checks for d in route.dependant.dependencies)
-            }
+        guarded = _guarded_paths(settings) if settings.api_token is not None else set()
         for path, operations in schema["paths"].items():
             for operation in operations.values():
                 if path not in guarded:
@@ -246,12 +253,11 @@ def create_app(
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    guarded = {"/score", "/rerank"} | ({"/metrics"} if settings.protect_metrics else set())
     app.add_middleware(
         Guard,
         metrics=metrics,
         max_body_bytes=settings.max_body_bytes,
         token=settings.api_token,
-        guarded=frozenset(guarded),
+        guarded=frozenset(_guarded_paths(settings)),
     )
     return app

@@ -32,6 +32,15 @@ def main(
     redis_url: Annotated[
         str | None, typer.Option(help="Redis URL; none: in-process store (env SELLAREC_REDIS_URL).")
     ] = None,
+    redis_cluster: Annotated[
+        bool | None,
+        typer.Option(
+            "--redis-cluster/--no-redis-cluster",
+            help="The Redis URL names a Redis Cluster node (env SELLAREC_REDIS_CLUSTER; "
+            "or use a redis+cluster:// URL).",
+            show_default=False,
+        ),
+    ] = None,
     host: Annotated[str | None, typer.Option(help="Interface to listen on (env SELLAREC_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on (env SELLAREC_PORT).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (env SELLAREC_DEVICE).")] = None,
@@ -42,8 +51,9 @@ def main(
         str | None, typer.Option(help="debug, info, warning (env SELLAREC_LOG_LEVEL).")
     ] = None,
 ) -> None:
-    """Serve /score, /rerank, /healthz, /readyz, /metrics and /docs."""
-    given = {"artifacts": artifacts, "redis_url": redis_url, "host": host, "port": port, "device": device,
+    """Serve /score, /rerank, /events, /healthz, /readyz, /metrics and /docs."""
+    given = {"artifacts": artifacts, "redis_url": redis_url, "redis_cluster": redis_cluster, "host": host,
+             "port": port, "device": device,
              "backend": backend, "log_level": log_level}  # fmt: skip
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})

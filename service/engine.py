@@ -4,12 +4,25 @@ Decisions (also in docs/api.md):
 - A request snapshots the served store version once; every lookup and the projections
   it uses come from that version, and the response names it in `model`.
 - `history` in a request, when present (even empty), replaces the stored history, for
-  known and cold users; absent, the stored history is used (empty for a cold user). Only
-  the last `history_length` entries (10 in the paper) reach the prompt.
-- Unknown user: the version's neutral collaborative vector. Unknown item with a title:
-  neutral collaborative vector and a semantic vector distilled from the title (cached in
-  the store under the version). Unknown item without a title: 422 `unknown_items`
-  naming every such id (candidates and history alike).
+  known and cold users; absent, the stored history is used: the version's, then the
+  positives recorded by POST /events (empty for a cold user without events). Only the
+  last `history_length` entries (10 in the paper) reach the prompt.
+- A user the MF never saw gets a collaborative vector folded in from the MF vectors of the
+  items they interacted with, the first of these that applies:
+  1. labelled fold-in: the user's labelled events recorded by POST /events (their last
+     `events_keep`, either label) hold a negative on an item the version knows:
+     model.collab.fold_in_labelled over the known ones (the row MF's BCE training would fit).
+     Stored facts about the user, like an MF row: used whether or not the request sends a
+     history.
+  2. positives-only fold-in: the history the prompt uses (sent or stored, its last
+     `history_length` entries) holds known items: model.collab.fold_in over them, so a
+     stored and a sent history give the same scores.
+  3. the version's neutral collaborative vector.
+  The vector is cached in the store under the version, keyed by everything it was computed
+  from (store.fold_key), so a new event that changes the inputs changes the key.
+- Unknown item with a title: neutral collaborative vector and a semantic vector distilled
+  from the title (cached in the store under the version). Unknown item without a title:
+  422 `unknown_items` naming every such id (candidates and history alike).
 - A known item is always scored with its stored title and vectors; a title sent with it
   is ignored.
 - Duplicate candidates are scored at each occurrence (computed once).
@@ -20,12 +33,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from model.collab import fold_in, fold_in_labelled
 from model.encoding import PromptEncoder
 from model.prompts import ALL_SLOTS, TemplateSpec, distillation_prompt, item_prompt, user_prompt
 from service.admission import Work
@@ -41,7 +55,7 @@ from service.errors import (
 )
 from service.jobs import Job, JobResult
 from service.metrics import Metrics
-from service.store import Lookup, Store
+from service.store import Lookup, Store, fold_key
 from service.tracker import ServedVersion, VersionTracker
 
 log = logging.getLogger(__name__)
@@ -155,11 +169,15 @@ class Engine:
         if history is not None:
             keep = self.spec.history_length
             recent = list(history[-keep:]) if keep > 0 else []
-        lookup = await self._lookup(served, user_id, items, recent)
+        fold = fold_key([h.item_id for h in recent]) if recent else None
+        lookup = await self._lookup(served, user_id, items, recent, fold)
 
-        history_titles = self._history_titles(lookup, recent)
-        user_collab = lookup.user.collab if lookup.user is not None else served.neutral_user
+        history_ids, history_titles = self._history(lookup, recent)
         cold_user = lookup.user is None
+        if lookup.user is not None:
+            user_collab = lookup.user.collab
+        else:
+            user_collab = await self._fold_in(served, lookup, history_ids, looked_up=recent is not None)
         keys, distinct = self._candidates(served, lookup, items)
 
         prefix = self.encoder.segments(user_prompt(self.spec, history_titles), lead=True)
@@ -231,19 +249,31 @@ class Engine:
         user_id: str,
         items: Sequence[ItemInput],
         history: Sequence[ItemInput] | None,
+        fold: str | None,
     ) -> Lookup:
-        """One round trip: the user, every item and history id, cached vectors of titled items."""
+        """One round trip: the user and their events, every item and history id, cached vectors
+        of titled items, and the cached fold-in vector of a sent history (used if the user is cold)."""
         ids = list(dict.fromkeys([i.item_id for i in items] + [h.item_id for h in history or []]))
         titles = list(dict.fromkeys(i.title for i in items if i.title))
         start = time.perf_counter()
         try:
-            return await self.store.lookup(served.version, user_id, ids, titles)
+            return await self.store.lookup(served.version, user_id, ids, titles, fold)
         finally:
             self.metrics.store_seconds.labels(op="lookup").observe(time.perf_counter() - start)
 
-    def _history_titles(self, lookup: Lookup, history: Sequence[ItemInput] | None) -> tuple[str, ...]:
+    def _history(
+        self, lookup: Lookup, history: Sequence[ItemInput] | None
+    ) -> tuple[list[str], tuple[str, ...]]:
+        """The ids and titles of the history the prompt uses: the sent one, else the stored one
+        (the version's, then the recorded events), its last `history_length` entries."""
         if history is None:
-            return lookup.user.history_titles if lookup.user is not None else ()
+            ids, titles = [], []
+            if lookup.user is not None:
+                ids, titles = list(lookup.user.history), list(lookup.user.history_titles)
+            ids += [e.item_id for e in lookup.liked]
+            titles += [e.title for e in lookup.liked]
+            keep = self.spec.history_length
+            return (ids[-keep:], tuple(titles[-keep:])) if keep > 0 else ([], ())
         titles, unknown = [], []
         for h in history:
             known = lookup.items.get(h.item_id)
@@ -254,7 +284,59 @@ class Engine:
                 titles.append(title)
         if unknown:
             raise UnknownItems(_unknown_message("history items", unknown), items=unknown)
-        return tuple(titles)
+        return [h.item_id for h in history], tuple(titles)
+
+    async def _fold_in(
+        self, served: ServedVersion, lookup: Lookup, history: list[str], looked_up: bool
+    ) -> np.ndarray:
+        """The collaborative vector of a user the MF never saw (see the module's decisions): folded
+        in from their labelled events when those hold a negative, else from the known items of
+        `history`, else the neutral vector; cached under the version by `fold_key`.
+        `looked_up`: the first round trip already read `history`'s items and its cached vector."""
+        labelled = [(e.item_id, e.label) for e in lookup.labelled]
+        if not any(label == 0 for _, label in labelled):
+            labelled = []  # no negative: nothing beyond the positives-only fold-in of the history
+        if not history and not labelled:
+            return served.neutral_user
+        fold = fold_key(history, labelled)
+        folded, items = lookup.folded, dict(lookup.items)
+        if labelled or not looked_up:
+            # The cached vector first; the items (up to `events_keep`) only when it is missing.
+            folded = (await self._read(served, [], fold)).folded
+            if folded is None:
+                ids = dict.fromkeys([*history, *(i for i, _ in labelled)])
+                items.update((await self._read(served, [i for i in ids if i not in items], None)).items)
+        if folded is not None:
+            self.metrics.fold_ins.labels(source="cache").inc()
+            return folded
+        prior = torch.from_numpy(np.array(served.neutral_user, dtype=np.float32))
+        known = [(items[i].collab, label) for i, label in labelled if i in items]
+        vectors = [items[i].collab for i in history if i in items]
+        if any(label == 0 for _, label in known):
+            vector = fold_in_labelled(
+                torch.from_numpy(np.stack([v for v, _ in known])),
+                torch.tensor([label for _, label in known]),
+                prior,
+            ).numpy()
+        elif vectors:
+            vector = fold_in(torch.from_numpy(np.stack(vectors)), prior).numpy()
+        else:
+            return served.neutral_user
+        self.metrics.fold_ins.labels(source="computed").inc()
+        self._in_background(
+            lambda: self.store.cache_folded(served.version, fold, vector), "caching a fold-in vector"
+        )
+        return vector
+
+    async def _read(self, served: ServedVersion, item_ids: list[str], fold: str | None) -> Lookup:
+        """A fold-in round trip: items and/or a cached fold-in vector, no user."""
+        if not item_ids and fold is None:
+            return Lookup(None, {}, {})
+        start = time.perf_counter()
+        try:
+            return await self.store.lookup(served.version, None, item_ids, [], fold)
+        finally:
+            self.metrics.store_seconds.labels(op="fold_in").observe(time.perf_counter() - start)
 
     def _candidates(
         self, served: ServedVersion, lookup: Lookup, items: Sequence[ItemInput]
@@ -289,12 +371,18 @@ class Engine:
 
     def _remember(self, version: str, vectors: dict[str, np.ndarray]) -> None:
         """Cache distilled vectors in the store without holding up the response."""
+        self._in_background(
+            lambda: self.store.cache_distilled(version, vectors), f"caching {len(vectors)} distilled vectors"
+        )
+
+    def _in_background(self, work: Callable[[], Awaitable[None]], what: str) -> None:
+        """Run a cache write without holding up the response."""
 
         async def write() -> None:
             try:
-                await self.store.cache_distilled(version, vectors)
-            except Exception as err:  # a failed cache write only costs a later re-distillation
-                log.warning("caching %d distilled vectors failed: %s", len(vectors), err)
+                await work()
+            except Exception as err:  # a failed cache write only costs a later recomputation
+                log.warning("%s failed: %s", what, err)
 
         task = asyncio.get_running_loop().create_task(write())
         self._background.add(task)

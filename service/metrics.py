@@ -63,6 +63,12 @@ class Metrics:
         )
         #: Scores computed with a cold user or a cold item.
         self.cold = Counter("sellarec_cold_scores", "Cold-start scores by kind.", ["kind"], registry=r)
+        #: Collaborative vectors folded in for users the MF never saw, by where they came from.
+        self.fold_ins = Counter(
+            "sellarec_fold_ins", "Fold-in vectors of users without an MF row.", ["source"], registry=r
+        )
+        #: POST /events events by outcome: recorded (a new positive), duplicate (event id seen), negative.
+        self.events = Counter("sellarec_events", "Interaction events received.", ["outcome"], registry=r)
         #: Error answers by error type.
         self.errors = Counter("sellarec_errors", "Error answers by type.", ["type"], registry=r)
         #: Store versions this server refused to switch to (incompatible with its model).
@@ -94,6 +100,8 @@ class Metrics:
         self.model_info = Info("sellarec_model", "The model this process runs.", registry=r)
         for kind in ("user", "item"):
             self.cold.labels(kind=kind)
+        for outcome in ("recorded", "duplicate", "negative"):
+            self.events.labels(outcome=outcome)
 
     def serve_version(self, version: str, previous: str | None) -> None:
         """Mark `version` as the one being served."""

@@ -21,7 +21,9 @@ from service.schemas import ErrorBody, ErrorResponse
 log = logging.getLogger(__name__)
 
 #: Paths that get their own `endpoint` label; anything else is "other" (bounded cardinality).
-ENDPOINTS = frozenset({"/score", "/rerank", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
+ENDPOINTS = frozenset(
+    {"/score", "/rerank", "/events", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"}
+)
 
 
 def error_body(status: int, kind: str, message: str, items: list[str] | None = None) -> bytes:

@@ -28,13 +28,10 @@ class Projections:
         self.proj_w: SemanticProjector | None = None
         proj_c, proj_w = _strip(state, "proj_c"), _strip(state, "proj_w")
         if proj_c:
-            hidden, collab_dim = proj_c["net.0.weight"].shape
-            self.proj_c = CollabProjector(int(collab_dim), llm_dim, hidden=int(hidden))
-            self.proj_c.load_state_dict(proj_c)
+            self.proj_c = CollabProjector.from_state(proj_c)
             self.proj_c.to(self.device).eval().requires_grad_(False)
         if proj_w:
-            self.proj_w = SemanticProjector(llm_dim)
-            self.proj_w.load_state_dict(proj_w)
+            self.proj_w = SemanticProjector.from_state(proj_w)
             self.proj_w.to(self.device).eval().requires_grad_(False)
 
     @torch.inference_mode()

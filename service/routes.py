@@ -16,8 +16,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.auth import bearer_matches
 from service.engine import Engine, ItemInput, Outcome
 from service.errors import ClientClosed, Unauthorized
+from service.events import EventInput, EventRecorder
 from service.schemas import (
     ErrorResponse,
+    Event,
+    EventBatch,
+    EventsResponse,
     Health,
     ItemRef,
     ItemScore,
@@ -34,7 +38,7 @@ _ERRORS = {
     401: {"model": ErrorResponse, "description": "Missing or wrong bearer token."},
     413: {
         "model": ErrorResponse,
-        "description": "Too many candidates or history entries, or body too large.",
+        "description": "Too many candidates, history entries, events or token positions, or body too large.",
     },
     422: {
         "model": ErrorResponse,
@@ -47,6 +51,9 @@ _ERRORS = {
     503: {"model": ErrorResponse, "description": "Store unreachable, no servable version, or shutting down."},
     504: {"model": ErrorResponse, "description": "The X-Request-Timeout-Ms passed before the work ran."},
 }
+
+#: POST /events does not queue for the model: never a 429.
+_EVENT_ERRORS = {status: answer for status, answer in _ERRORS.items() if status != 429}
 
 T = TypeVar("T")
 
@@ -151,6 +158,23 @@ async def rerank(
         for k, s in ((k, outcome.scores[k]) for k in order)
     ]
     return RerankResponse(model=outcome.model, results=results)
+
+
+@router.post("/events", responses=_EVENT_ERRORS, dependencies=[Depends(authorize)], tags=["events"])
+async def events(
+    body: Event | EventBatch, request: Request, engine: Engine = Depends(engine)
+) -> EventsResponse:
+    """Record interactions: positives extend the user's stored history, seen by the next /score;
+    every event (either label) joins the user's labelled events, the source of fold-in."""
+    settings = request.app.state.runtime.settings
+    recorder = EventRecorder(engine, keep=settings.events_keep, max_events=settings.max_events)
+    given = body.events if isinstance(body, EventBatch) else [body]
+    outcome = await recorder.record(
+        [EventInput(e.user_id, e.item_id, e.label, e.timestamp, e.event_id, e.title) for e in given]
+    )
+    return EventsResponse(
+        recorded=outcome.recorded, duplicates=outcome.duplicates, negatives=outcome.negatives
+    )
 
 
 @router.get("/healthz", tags=["operations"], response_model_exclude_none=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 #: Longest item or user id accepted.
 MAX_ID_CHARS = 256
@@ -18,6 +18,16 @@ MAX_TITLE_CHARS = 1024
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
 Title = Annotated[str, Field(min_length=1, max_length=MAX_TITLE_CHARS)]
+
+
+def _integer(value: object) -> object:
+    """Strict for a literal too: a Literal[0, 1] alone would take true and 1.0 (equal in Python)."""
+    if type(value) is not int:
+        raise ValueError("must be the integer 0 or 1")
+    return value
+
+
+Label = Annotated[Literal[0, 1], BeforeValidator(_integer)]
 
 
 class _Wire(BaseModel):
@@ -103,6 +113,42 @@ class RerankResponse(_Wire):
     """The store version (model name and content id) that produced every score of this response."""
     results: list[RerankResult]
     """The best `top_n` candidates (all if `top_n` is absent), best first."""
+
+
+class Event(_Wire):
+    """One interaction: a user liked (1) or did not like (0) an item."""
+
+    user_id: Id
+    """External user id (known to the store or not)."""
+    item_id: Id
+    """External item id; for a positive it must be known to the store unless `title` is given."""
+    label: Label
+    """1: liked, appended to the user's stored history; 0: not liked. Either label is also kept in
+    the user's labelled events, from which a user the MF never saw is folded in."""
+    timestamp: float | None = None
+    """When it happened, Unix seconds; the history is ordered by it. Absent: when it was received."""
+    event_id: Id | None = None
+    """The caller's id of the event: an event id already recorded for the user is not added again."""
+    title: Title | None = None
+    """Item title, for an item the store does not know; ignored for a known item."""
+
+
+class EventBatch(_Wire):
+    """Several interactions, recorded in order."""
+
+    events: list[Event] = Field(min_length=1)
+    """The events, oldest first when they carry no timestamp."""
+
+
+class EventsResponse(_Wire):
+    """What the events did."""
+
+    recorded: int
+    """Positives added to users' stored histories."""
+    duplicates: int
+    """Positives whose `event_id` was already recorded (not added again)."""
+    negatives: int
+    """Negatives received (kept in the user's labelled events, never in the history)."""
 
 
 class ErrorBody(_Wire):

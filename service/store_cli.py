@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
-from redis.exceptions import RedisError
 
 from model.artifacts import ArtifactError, load_bundle
 from service.redact import redact
-from service.redis_store import connect
+from service.redis_store import STORE_ERRORS, connect
 from service.store_admin import LoadRefused, StoreAdmin
 
 T = TypeVar("T")
@@ -25,7 +24,13 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-RedisUrl = Annotated[str, typer.Option(envvar="SELLAREC_REDIS_URL", help="Redis URL (redis://, rediss://).")]
+RedisUrl = Annotated[
+    str,
+    typer.Option(
+        envvar="SELLAREC_REDIS_URL",
+        help="Redis URL (redis://, rediss://; redis+cluster://, rediss+cluster:// for a Redis Cluster).",
+    ),
+]
 Prefix = Annotated[
     str, typer.Option(envvar="SELLAREC_REDIS_PREFIX", help="Key prefix of the service's keys.")
 ]
@@ -44,7 +49,7 @@ def _run(redis_url: str, prefix: str, work: Callable[[StoreAdmin], Awaitable[T]]
     except LoadRefused as err:
         typer.secho(redact(f"refused: {err}"), fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from err
-    except (RedisError, ConnectionError, OSError) as err:
+    except STORE_ERRORS as err:
         typer.secho(redact(f"cannot reach Redis at {redis_url}: {err}"), fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from err
 

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model.collab import CollabProjector, MatrixFactorization, SemanticProjector, info_nce
+from model.collab import (
+    CollabProjector,
+    MatrixFactorization,
+    SemanticProjector,
+    fold_in,
+    fold_in_labelled,
+    info_nce,
+)
 
 
 def test_info_nce_equals_the_direct_formula():
@@ -49,3 +57,88 @@ def test_projection_shapes_follow_table_1():
     torch.testing.assert_close(proj(x), layers[2](F.gelu(layers[0](x))))
     w = SemanticProjector(576)
     assert w(torch.randn(2, 576)).shape == (2, 576)
+
+
+def test_fold_in_without_history_is_the_prior():
+    prior = torch.randn(8)
+    assert torch.equal(fold_in(torch.zeros(0, 8), prior), prior)
+
+
+def test_fold_in_solves_the_ridge_problem_pulled_to_the_prior():
+    g = torch.Generator().manual_seed(0)
+    items, prior = torch.randn(5, 8, generator=g), torch.randn(8, generator=g)
+    u = fold_in(items, prior, reg=0.5, target=2.0).double()
+    # The gradient of sum (<u, v> - 2)^2 + 0.5 ||u - prior||^2 vanishes at the solution.
+    grad = 2 * items.double().T @ (items.double() @ u - 2.0) + 2 * 0.5 * (u - prior.double())
+    assert grad.abs().max() < 1e-4
+
+
+def test_fold_in_recovers_a_user_from_their_liked_items_better_than_the_prior():
+    g = torch.Generator().manual_seed(1)
+    items, true_user = torch.randn(200, 8, generator=g), torch.randn(8, generator=g)
+    liked = items[(items @ true_user) > 1.0]
+    prior = torch.randn(8, generator=g)
+    folded = fold_in(liked, prior, reg=1.0, target=1.0)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(folded, true_user, dim=0) > 0.7 > cos(prior, true_user, dim=0)
+
+
+def _labelled_problem(seed: int, n: int = 60, d: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    items, true_user = torch.randn(n, d, generator=g), torch.randn(d, generator=g)
+    labels = torch.bernoulli(torch.sigmoid(items @ true_user), generator=g)
+    return items, labels, true_user
+
+
+def test_labelled_fold_in_without_interactions_is_the_prior():
+    prior = torch.randn(8)
+    assert torch.equal(fold_in_labelled(torch.zeros(0, 8), torch.zeros(0), prior), prior)
+
+
+def test_labelled_fold_in_matches_scipy_on_the_regularised_logistic_objective():
+    """The same objective minimised by SciPy's L-BFGS: MF's BCE on <u, v_i>, L2 to the prior."""
+    scipy_optimize = pytest.importorskip("scipy.optimize")
+    items, labels, _ = _labelled_problem(0)
+    prior = 0.3 * torch.randn(8, generator=torch.Generator().manual_seed(5))
+    reg = 2.0
+    v, y, mu = items.double().numpy(), labels.double().numpy(), prior.double().numpy()
+
+    def objective(u):
+        x = v @ u
+        value = (np.logaddexp(0.0, x) - y * x).sum() + 0.5 * reg * ((u - mu) ** 2).sum()
+        grad = v.T @ (1 / (1 + np.exp(-x)) - y) + reg * (u - mu)
+        return value, grad
+
+    reference = scipy_optimize.minimize(objective, mu, jac=True, method="L-BFGS-B", tol=1e-14).x
+    folded = fold_in_labelled(items, labels, prior, reg=reg)
+    np.testing.assert_allclose(folded.double().numpy(), reference, atol=1e-5)
+    # MF's own loss (mean BCE) plus the prior term has zero gradient there as well.
+    u = folded.double().clone().requires_grad_(True)
+    loss = F.binary_cross_entropy_with_logits(items.double() @ u, labels.double(), reduction="sum")
+    (loss + 0.5 * reg * (u - prior.double()).square().sum()).backward()
+    assert u.grad.abs().max() < 1e-4
+
+
+def test_labelled_fold_in_is_pulled_to_the_prior_and_stays_finite_on_separable_labels():
+    items, labels, true_user = _labelled_problem(1)
+    prior = torch.zeros(8)
+    strong = fold_in_labelled(items, labels, prior, reg=1e6)
+    assert strong.abs().max() < 1e-3
+    separable = (items @ true_user > 0).float()  # unregularised logistic regression diverges here
+    folded = fold_in_labelled(items, separable, prior, reg=1e-3)
+    assert torch.isfinite(folded).all()
+    assert torch.nn.functional.cosine_similarity(folded, true_user, dim=0) > 0.9
+    assert torch.equal(folded, fold_in_labelled(items, separable, prior, reg=1e-3))  # deterministic
+
+
+def test_labelled_fold_in_recovers_a_user_better_than_positives_only():
+    """Negatives say which way the user does not lean: the positives alone cannot."""
+    items, labels, true_user = _labelled_problem(2, n=400)
+    prior = torch.zeros(8)
+    cos = torch.nn.functional.cosine_similarity
+    labelled = fold_in_labelled(items, labels, prior, reg=1.0)
+    liked = fold_in(items[labels == 1], prior, reg=1.0, target=1.0)
+    assert cos(labelled, true_user, dim=0) > 0.95
+    assert cos(labelled, true_user, dim=0) > cos(liked, true_user, dim=0)
+    with pytest.raises(ValueError):
+        fold_in_labelled(items, labels[:-1], prior)

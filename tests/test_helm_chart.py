@@ -519,3 +519,12 @@ def test_grace_period_must_cover_the_prestop_sleep_and_the_drain(chart: Any) -> 
     pod = only(render(chart, values), "Deployment")["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == 130
     assert env_of(pod["containers"][0])["SELLAREC_SHUTDOWN_TIMEOUT_S"]["value"] == "120"
+
+
+def test_external_redis_can_be_a_redis_cluster(chart: Any) -> None:
+    values = {
+        **EXTERNAL_REDIS,
+        "externalRedis": {**EXTERNAL_REDIS["externalRedis"], "url": "redis+cluster://redis-cluster:6379"},
+    }
+    env = env_of(server(render(chart, values)))
+    assert env["SELLAREC_REDIS_URL"]["value"] == "redis+cluster://:$(REDIS_PASSWORD)@redis-cluster:6379"

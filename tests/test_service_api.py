@@ -319,8 +319,8 @@ async def test_openapi_documents_every_endpoint_and_field(tiny_bundle_dir):
     ("settings", "guarded"),
     [
         ({}, set()),
-        ({"api_token": "s3cret"}, {"/score", "/rerank"}),
-        ({"api_token": "s3cret", "protect_metrics": True}, {"/score", "/rerank", "/metrics"}),
+        ({"api_token": "s3cret"}, {"/score", "/rerank", "/events"}),
+        ({"api_token": "s3cret", "protect_metrics": True}, {"/score", "/rerank", "/events", "/metrics"}),
     ],
     ids=["open", "token", "token-and-metrics"],
 )

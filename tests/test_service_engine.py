@@ -16,6 +16,7 @@ import pytest
 import torch
 from test_service_support import quick_settings, serving, shared_model
 
+from model.collab import fold_in
 from model.loader import LoadedModel
 from model.prompts import scoring_prompt
 
@@ -45,8 +46,11 @@ def reference(loaded: LoadedModel, case: dict[str, Any]) -> list[float]:
     user_id = case["user_id"]
     if user_id in users:
         user_collab, stored = t["mf.users"][users[user_id]], [titles[i] for i in cat.histories[user_id]]
-    else:
-        user_collab, stored = t["neutral.user"], []
+    else:  # a user the MF never saw: folded in from the history the prompt keeps, else neutral
+        recent = (case.get("history") or [])[-scorer.spec.history_length :]
+        known = [t["mf.items"][items[i]] for i in recent if i in items]
+        user_collab = fold_in(torch.stack(known), t["neutral.user"]) if known else t["neutral.user"]
+        stored = []
     history = stored if case.get("history") is None else [titles[i] for i in case["history"]]
     out = []
     for item in case["items"]:

@@ -96,3 +96,45 @@ def test_sellarec_store_load_refuses_an_unlisted_file(tiny_bundle_dir, tmp_path)
     result = CliRunner().invoke(store_app, ["load", "--artifacts", str(bad), "--redis-url", DEAD_REDIS])
     assert result.exit_code == 1
     assert "adapter/notes.txt is not listed in the manifest" in result.output
+
+
+def test_redis_cluster_urls_are_redacted_too():
+    text = "cluster redis+cluster://:hunter2@10.0.0.5:7000/0 and rediss+cluster://app:pa55w0rd@r:7001"
+    clean = redact.redact(text)
+    assert "hunter2" not in clean and "pa55w0rd" not in clean
+    assert "redis+cluster://:***@10.0.0.5:7000/0" in clean and "rediss+cluster://app:***@r:7001" in clean
+
+
+def test_store_cli_never_prints_a_redis_cluster_password():
+    result = CliRunner().invoke(store_app, ["list", "--redis-url", "redis+cluster://:hunter2@127.0.0.1:1/0"])
+    assert result.exit_code == 2, result.output
+    assert "hunter2" not in result.output and "redis+cluster://:***@127.0.0.1:1/0" in result.output
+
+
+def test_sellarec_serve_masks_the_password_of_a_cluster_url(tiny_bundle_dir, monkeypatch):
+    """The serve CLI installs the password of a redis+cluster:// URL as a secret, like any URL's."""
+    import service.cli as serve_cli
+
+    installed: list = []
+    monkeypatch.setattr(serve_cli.redact, "install", lambda secrets: installed.extend(secrets))
+    monkeypatch.setattr(serve_cli.uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setattr(serve_cli, "create_app", lambda settings: None)
+    monkeypatch.setattr(serve_cli.signal, "signal", lambda *a: None)  # keep pytest's handlers
+    url = "redis+cluster://app:hunter2@127.0.0.1:1/0"
+    result = CliRunner().invoke(cli_app(), ["--artifacts", str(tiny_bundle_dir), "--redis-url", url])
+    assert result.exit_code == 0, result.output
+    assert "hunter2" in installed
+
+
+async def test_an_unreachable_redis_cluster_is_a_503_that_names_neither_address_nor_password(tiny_bundle_dir):
+    """A cluster that cannot be reached raises RedisClusterException (not a RedisError): still a 503."""
+    url = "redis+cluster://:hunter2@127.0.0.1:1/0"
+    store = RedisStore.from_url(url, "sellarec-test-secrets", timeout_s=0.2)
+    async with serving(tiny_bundle_dir, quick_settings(), store=store) as (client, _):
+        answer = await client.post("/score", json={"user_id": "u1", "items": ["i1"]})
+        event = await client.post("/events", json={"user_id": "u1", "item_id": "i1", "label": 1})
+        ready = await client.get("/readyz")
+    for response in (answer, event, ready):
+        assert response.status_code == 503, response.text
+        for leak in ("127.0.0.1", "hunter2", "Errno", "Connection refused"):
+            assert leak not in response.text, (leak, response.text)

@@ -9,9 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import shutil
+import socket
+import subprocess
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -136,3 +140,75 @@ class TcpProxy:
 
 def catalog(bundle_dir: Path) -> dict[str, Any]:
     return json.loads((bundle_dir / "catalog.json").read_text())
+
+
+def _free_cluster_port() -> int:
+    """A port that is free, and whose cluster bus port (+10000) is free too."""
+    for _ in range(100):
+        port = random.randint(20000, 40000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+@contextlib.contextmanager
+def redis_cluster(workdir: Path, masters: int = 3) -> Iterator[str]:
+    """A real Redis Cluster of `masters` masters (no replicas) on local ports; yields its URL."""
+    ports = [_free_cluster_port() for _ in range(masters)]
+    procs = []
+    try:
+        for port in ports:
+            node_dir = workdir / str(port)
+            node_dir.mkdir(parents=True)
+            procs.append(
+                subprocess.Popen(
+                    ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir),
+                     "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                     "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )  # fmt: skip
+        for port in ports:
+            _wait(lambda port=port: _cli(port, "ping") == "PONG")
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        for port in ports:
+            _wait(lambda port=port: "cluster_state:ok" in _cli(port, "cluster", "info"))
+        yield f"redis+cluster://127.0.0.1:{ports[0]}"
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=10)
+
+
+def cluster_masters(url: str) -> list[int]:
+    """Ports of the masters of the local cluster that `url` names."""
+    port = int(url.rsplit(":", 1)[1])
+    return sorted(
+        int(line.split()[1].split("@")[0].rsplit(":", 1)[1])
+        for line in _cli(port, "cluster", "nodes").splitlines()
+        if "master" in line.split()[2]
+    )
+
+
+def _cli(port: int, *args: str) -> str:
+    done = subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=10)
+    return done.stdout.strip()
+
+
+def _wait(ready: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the Redis Cluster did not come up")
+        time.sleep(0.1)

@@ -46,6 +46,49 @@ def training_batches(lengths: Sequence[int], batch_size: int, rng: np.random.Gen
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def grouped_batches(
+    keys: Sequence, lengths: Sequence[int], batch_size: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Like `training_batches`, but rows with the same key (the same no-grad prompt head)
+    go to the same batch where they fit, so each batch runs fewer distinct heads.
+
+    Groups are shuffled, length-sorted within windows, and packed whole into batches of at
+    most `batch_size` rows (a larger group is split); batch order is shuffled.
+    """
+    index: dict = {}
+    for row, key in enumerate(keys):
+        index.setdefault(key, []).append(row)
+    groups = [np.asarray(rows) for rows in index.values()]
+    groups = [groups[i] for i in rng.permutation(len(groups))]
+    window = batch_size * BUCKET_WINDOW
+    batches: list[np.ndarray] = []
+    current: list[int] = []
+    pending: list[np.ndarray] = []
+    size = 0
+
+    def flush_window() -> None:
+        nonlocal current
+        for g in sorted(pending, key=lambda g: lengths[int(g[0])]):
+            for start in range(0, len(g), batch_size):
+                part = g[start : start + batch_size].tolist()
+                if len(current) + len(part) > batch_size:
+                    batches.append(np.asarray(current))
+                    current = []
+                current += part
+        pending.clear()
+
+    for g in groups:
+        pending.append(g)
+        size += len(g)
+        if size >= window:
+            flush_window()
+            size = 0
+    flush_window()
+    if current:
+        batches.append(np.asarray(current))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 @dataclass
 class PrefixGroup:
     """Rows that share one user-level prefix (same user, same prompt text up to the item)."""
@@ -125,3 +168,11 @@ class CollabInputs:
 
     def item_semantic(self, ids: Sequence) -> torch.Tensor | None:
         return self._take(self.semantic, self.item_rows, ids, "semantic")
+
+
+def base_rate_bce(labels: torch.Tensor) -> float:
+    """BCE of the best constant prediction (the label mean): what a model that learned
+    nothing about the rows reaches, and what a training loss must fall clearly below."""
+    p = float(labels.float().mean()) if len(labels) else 0.5
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return float(-(p * np.log(p) + (1 - p) * np.log(1 - p)))

@@ -116,11 +116,19 @@ def report(
     sweep: Annotated[
         list[Path] | None, typer.Option(help="Run directory of scripts/train/sweep.sh (repeatable)")
     ] = None,
+    seeds: Annotated[
+        list[Path] | None,
+        typer.Option(help="Run directory of the same config with another --seed (repeatable)"),
+    ] = None,
+    config: Annotated[
+        str, typer.Option(help="Configuration file named in the resume commands")
+    ] = "training/configs/ml1m.yaml",
 ) -> None:
-    """Build the results table, the paired bootstrap and the Fig. 7 plot from a run directory."""
+    """Build the results table (beside the paper's Table 3), the paired bootstrap, the training
+    noise over seeds, the loss curves and the Fig. 7 plot from a run directory."""
     from training.report import write_report
 
-    typer.echo(write_report(runs, doc, figures, resamples, sweeps=sweep or []))
+    typer.echo(write_report(runs, doc, figures, resamples, config, sweeps=sweep or [], seeds=seeds or []))
 
 
 @app.command(name="build-data")

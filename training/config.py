@@ -25,10 +25,10 @@ from model.prompts import ALL_SLOTS, DEFAULT_ANSWER_CUE, HISTORY_LENGTH, Slot
 class DataConfig:
     """Where the CoLLM-format splits are."""
 
-    #: Training split (parquet, CoLLM columns).
-    train: str = "/work/shared/data/ml-1m/train.parquet"
-    #: Validation split: early stopping of stage 2 and the reported table.
-    valid: str = "/work/shared/data/ml-1m/valid.parquet"
+    #: Training split (parquet, CoLLM columns); in a YAML file, relative to that file.
+    train: str = ""
+    #: Validation split: early stopping of stage 2 and the reported table (relative likewise).
+    valid: str = ""
     #: Dataset name recorded in manifests.
     name: str = "ml-1m"
     #: Item domain of the prompt wording ("movie" or "book").
@@ -65,6 +65,10 @@ class Stage1Config:
     budget: int = 0
     #: Passes over the drawn rows.
     epochs: int = 1
+    #: Optimiser steps of linear learning-rate warm-up from 0 (choice; None: none).
+    warmup_steps: int | None = None
+    #: LoRA on the top N decoder layers only (budget choice; paper: every layer). None: all.
+    lora_top_layers: int | None = None
 
     def lora(self) -> LoraSettings:
         return LoraSettings(
@@ -72,6 +76,7 @@ class Stage1Config:
             alpha=self.lora_alpha,
             dropout=self.lora_dropout,
             target_modules=list(self.target_modules),
+            top_layers=self.lora_top_layers or 0,
         )
 
 
@@ -122,6 +127,10 @@ class Stage3Config:
     budget: int = 0
     #: Passes over the drawn rows.
     epochs: int = 1
+    #: Scale of the soft tokens (choice; the paper leaves it free): "backbone" pins every
+    #: projected vector to the median norm of the backbone's token embeddings (only its
+    #: direction is learned); "free" is the paper-literal unconstrained output (ablation).
+    soft_token_scale: str = "backbone"
 
 
 @dataclass
@@ -205,13 +214,24 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML file into RunConfig; `overrides` use dotted keys ("stage1.budget")."""
+    """Read a YAML file into RunConfig; `overrides` use dotted keys ("stage1.budget").
+
+    Data paths in the file are relative to the file; paths given as overrides, to the
+    working directory.
+    """
     raw: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {} if path else {}
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else None
+    if path and data:
+        for split in ("train", "valid"):
+            if isinstance(data.get(split), str) and data[split]:
+                data[split] = str((Path(path).parent / Path(data[split]).expanduser()).resolve())
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+        if dotted in ("data.train", "data.valid") and isinstance(value, str) and value:
+            value = str(Path(value).expanduser().resolve())
         node[leaf] = value
     return _build(RunConfig, raw)
 

@@ -115,6 +115,12 @@ class Dataset:
 
     @classmethod
     def load(cls, train: str | Path, valid: str | Path, name: str = "dataset") -> Dataset:
+        for split, path in (("train", train), ("valid", valid)):
+            if not str(path) or not Path(path).is_file():
+                raise FileNotFoundError(
+                    f"data.{split}: no split file at {str(path) or '(not set)'!r}; set data.{split} in the "
+                    f"config (relative to it) or pass --set data.{split}=PATH"
+                )
         return cls.from_frames(pd.read_parquet(train), pd.read_parquet(valid), name=name)
 
     @property

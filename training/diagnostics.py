@@ -51,15 +51,13 @@ def token_scale(tensors: dict[str, torch.Tensor]) -> TokenScale:
     user = item = warm = None
     proj_c = _strip(tensors, "proj_c")
     if proj_c and "mf.items" in tensors:
-        proj = CollabProjector(tensors["mf.items"].shape[1], proj_c["net.2.weight"].shape[0])
-        proj.load_state_dict(proj_c)
+        proj = CollabProjector.from_state(proj_c)
         item = _median_norm(proj(tensors["mf.items"]))
         if "mf.users" in tensors:
             user = _median_norm(proj(tensors["mf.users"]))
     proj_w = _strip(tensors, "proj_w")
     if proj_w and "semantic.items" in tensors:
-        proj = SemanticProjector(tensors["semantic.items"].shape[1])
-        proj.load_state_dict(proj_w)
+        proj = SemanticProjector.from_state(proj_w)
         warm = _median_norm(proj(tensors["semantic.items"]))
     return TokenScale(user, item, warm)
 
@@ -96,8 +94,7 @@ def cosine_sets(runs: Path, results: dict[str, dict], trained: np.ndarray) -> di
     def cos(
         items: torch.Tensor, proj_state: dict, trained: torch.Tensor, shuffle: bool = False
     ) -> np.ndarray:
-        proj = CollabProjector(items.shape[1], semantic.shape[1])
-        proj.load_state_dict(proj_state)
+        proj = CollabProjector.from_state(proj_state)
         target = semantic[trained]
         if shuffle:  # mismatched pairs: what a projection onto the common direction alone scores
             target = target[torch.randperm(len(target), generator=torch.Generator().manual_seed(0))]

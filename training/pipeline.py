@@ -171,7 +171,10 @@ class Pipeline:
                     if variant.warm_start
                     else None
                 )
-                scorer = build_scorer(c.backbone, adapter, spec3, c.stage2.collab_dim, proj_state, c.seed)
+                scorer = build_scorer(
+                    c.backbone, adapter, spec3, c.stage2.collab_dim, proj_state, c.seed,
+                    c.stage3.soft_token_scale,
+                )
                 uses_collab = scorer.proj_c is not None
                 tables = SoftInputTables(
                     collab["mf.users"] if uses_collab else None,

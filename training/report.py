@@ -1,23 +1,38 @@
-"""docs/results.md from a run directory: the validation table, the paired bootstrap of
-SeLLa-Rec minus CoLLM (resampling users), and the Fig. 7 plot of cos(Proj C->L(e_i^C), e_i^L).
+"""docs/results.md from a run directory: the validation table beside the paper's Table 3,
+the paired bootstrap of SeLLa-Rec minus CoLLM (resampling users), training noise over seeds,
+the training-loss curves, and the Fig. 7 plot of cos(Proj C->L(e_i^C), e_i^L).
+
+Every section is a function of one `Report` (the base run, its results, the other run
+directories) returning Markdown lines; `write_report` joins them. The document names no
+absolute path (`PathStyle`): it is committed, and the run directories are not.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 from transformers import AutoConfig
 
-from model.backbone import resolve
+from model.backbone import SMOLLM2_ALIAS, cache_dir
 from training.config import VARIANTS
-from training.diagnostics import cosine_sets, latest_stage, random_projection, token_scale, vocabulary_scale
+from training.diagnostics import (
+    TokenScale,
+    cosine_sets,
+    latest_stage,
+    random_projection,
+    token_scale,
+    vocabulary_scale,
+)
 
 LABELS = {
     "mf": "MF",
@@ -30,6 +45,90 @@ LABELS = {
     "sella-ui": "SeLLa-UI",
 }
 METRICS = ("auc", "uauc", "auc_warm", "auc_cold", "uauc_warm", "uauc_cold")
+
+#: The paper's Table 3, ML-1M (arXiv 2504.10107; test split, Qwen2-7B): method, our variant
+#: of it (None: not implemented here), AUC, UAUC.
+PAPER_TABLE3_ML1M: tuple[tuple[str, str | None, float, float], ...] = (
+    ("MF", "mf", 0.6473, 0.6264),
+    ("LightGCN", None, 0.6139, 0.6276),
+    ("SASRec", None, 0.7058, 0.6818),
+    ("DIN", None, 0.7138, 0.6595),
+    ("Zero-shot LLM", "zeroshot", 0.5718, 0.5145),
+    ("Prompt4NR", None, 0.7191, 0.6839),
+    ("TALLRec", "tallrec", 0.7268, 0.6989),
+    ("CTRL(DIN)", None, 0.7155, 0.6681),
+    ("PersonPrompt", None, 0.7223, 0.6991),
+    ("CoLLM-MF", "collm", 0.7357, 0.7179),
+    ("BinLLM", None, 0.7417, 0.7239),
+    ("SeLLa-Rec", "sellarec", 0.7606, 0.7464),
+)
+
+#: The paper's value of each setting we shrink to fit a CPU budget (config key -> paper).
+PAPER_SETTINGS: dict[str, str] = {
+    "stage1.lr": "1e-4",
+    "stage1.warmup_steps": "not stated",
+    "stage1.lora_top_layers": "every layer (q_proj, v_proj)",
+    "stage1.budget": "the whole train split, full epochs",
+    "prompt.history_length": "10",
+    "stage3.budget": "the whole train split, full epochs",
+    "stage3.soft_token_scale": "free (the projection's output as is)",
+}
+
+#: Pairs compared over seeds, (better, worse) in the paper's order.
+SEED_PAIRS: tuple[tuple[str, str], ...] = (
+    ("sellarec", "collm"),
+    ("sellarec", "mf"),
+    ("collm", "mf"),
+    ("collm", "tallrec"),
+    ("tallrec", "mf"),
+    ("tallrec", "zeroshot"),
+)
+
+#: Steps in the moving average of the loss plot.
+LOSS_WINDOW = 16
+
+_ABSOLUTE = re.compile(r"(?<![\w.~/-])/[^\s'\"`,;)]+")
+
+
+@dataclass(frozen=True)
+class PathStyle:
+    """How the document writes a path: relative to the working directory when under it,
+    else with its leading directory replaced by a placeholder (`RUNS/` for the directory
+    holding the run directories, `DATA/` for the one holding the data splits), else as
+    `.../<name>`. Never absolute."""
+
+    #: (root, placeholder), most specific root first.
+    roots: tuple[tuple[Path, str], ...] = ()
+    #: The working directory paths are made relative to.
+    cwd: Path = field(default_factory=Path.cwd)
+
+    @classmethod
+    def of(cls, runs: Path, data_dir: str | Path | None = None, cwd: Path | None = None) -> PathStyle:
+        roots = [(_absolute(runs).parent, "RUNS")]
+        if data_dir:
+            roots.append((_absolute(data_dir), "DATA"))
+        roots.sort(key=lambda r: -len(r[0].parts))
+        return cls(tuple(roots), _absolute(cwd or Path.cwd()))
+
+    def path(self, p: str | Path) -> str:
+        """`p` as the document writes it."""
+        if not Path(p).is_absolute():
+            return str(p)
+        p = _absolute(p)
+        if p.is_relative_to(self.cwd):
+            return str(p.relative_to(self.cwd)) if p != self.cwd else "."
+        for root, name in self.roots:
+            if p.is_relative_to(root):
+                return str(Path(name) / p.relative_to(root))
+        return f".../{p.name}"
+
+    def text(self, s: str) -> str:
+        """`s` (a recorded command line, a config value) with every absolute path in it rewritten."""
+        return _ABSOLUTE.sub(lambda m: self.path(m.group(0)), s)
+
+
+def _absolute(p: str | Path) -> Path:
+    return Path(os.path.abspath(Path(p).expanduser()))
 
 
 def machine_line(results: dict[str, dict]) -> str:
@@ -62,6 +161,50 @@ def load_results(runs: Path) -> dict[str, dict]:
     return out
 
 
+@dataclass(frozen=True)
+class _Paired:
+    """Two variants' scores on the same validation rows, grouped by user."""
+
+    label: np.ndarray
+    score_a: np.ndarray
+    score_b: np.ndarray
+    #: Row indices of each user.
+    rows_of: list[np.ndarray]
+    #: Per-user AUC of a minus b (NaN for users with one class only).
+    per_user: np.ndarray
+
+    @classmethod
+    def of(cls, a: dict, b: dict) -> _Paired:
+        sa, sb = load_file(a["valid"]["scores"]), load_file(b["valid"]["scores"])
+        if not (torch.equal(sa["uid"], sb["uid"]) and torch.equal(sa["iid"], sb["iid"])):
+            raise ValueError("the variants were evaluated on different rows; pairing needs the same rows")
+        uid, label = sa["uid"].numpy(), sa["label"].numpy()
+        score_a, score_b = sa["scores"].numpy(), sb["scores"].numpy()
+        _, inverse = np.unique(uid, return_inverse=True)
+        rows_of = [np.flatnonzero(inverse == k) for k in range(int(inverse.max(initial=-1)) + 1)]
+        per_user = np.full(len(rows_of), np.nan)
+        for k, rows in enumerate(rows_of):
+            if len(np.unique(label[rows])) == 2:
+                per_user[k] = roc_auc_score(label[rows], score_a[rows]) - roc_auc_score(
+                    label[rows], score_b[rows]
+                )
+        return cls(label, score_a, score_b, rows_of, per_user)
+
+    def auc_diff(self, rows: np.ndarray | None = None) -> float:
+        rows = np.arange(len(self.label)) if rows is None else rows
+        y = self.label[rows]
+        return float(roc_auc_score(y, self.score_a[rows]) - roc_auc_score(y, self.score_b[rows]))
+
+    def point(self) -> dict[str, float]:
+        """AUC and UAUC of a minus b on all the rows (UAUC over users with both classes)."""
+        return {"auc": self.auc_diff(), "uauc": float(np.nanmean(self.per_user))}
+
+
+def paired_difference(a: dict, b: dict) -> dict[str, float]:
+    """AUC and UAUC of a minus b on the same validation rows (checked)."""
+    return _Paired.of(a, b).point()
+
+
 def paired_bootstrap(a: dict, b: dict, resamples: int, seed: int = 0) -> dict:
     """Differences a - b of AUC and UAUC with 95% percentile intervals, resampling users
     (all rows of a drawn user go in together), on the shared validation sample.
@@ -69,43 +212,26 @@ def paired_bootstrap(a: dict, b: dict, resamples: int, seed: int = 0) -> dict:
     UAUC of a resample is the mean per-user AUC over the drawn users (with multiplicity)
     that hold both classes, so per-user AUCs are computed once.
     """
-    sa, sb = load_file(a["valid"]["scores"]), load_file(b["valid"]["scores"])
-    if not (torch.equal(sa["uid"], sb["uid"]) and torch.equal(sa["iid"], sb["iid"])):
-        raise ValueError("the variants were evaluated on different rows; pairing needs the same rows")
-    uid, label = sa["uid"].numpy(), sa["label"].numpy()
-    score_a, score_b = sa["scores"].numpy(), sb["scores"].numpy()
-    users, inverse = np.unique(uid, return_inverse=True)
-    rows_of = [np.flatnonzero(inverse == k) for k in range(len(users))]
-    per_user = np.full(len(users), np.nan)
-    for k, rows in enumerate(rows_of):
-        if len(np.unique(label[rows])) == 2:
-            per_user[k] = roc_auc_score(label[rows], score_a[rows]) - roc_auc_score(
-                label[rows], score_b[rows]
-            )
-    point = {
-        "auc": roc_auc_score(label, score_a) - roc_auc_score(label, score_b),
-        "uauc": float(np.nanmean(per_user)),
-    }
+    paired = _Paired.of(a, b)
+    users = len(paired.rows_of)
     rng = np.random.default_rng(seed)
     diffs: dict[str, list[float]] = {"auc": [], "uauc": []}
     for _ in range(resamples):
-        drawn = rng.integers(0, len(users), len(users))
-        rows = np.concatenate([rows_of[k] for k in drawn])
-        diffs["auc"].append(
-            roc_auc_score(label[rows], score_a[rows]) - roc_auc_score(label[rows], score_b[rows])
-        )
-        both = per_user[drawn][~np.isnan(per_user[drawn])]
+        drawn = rng.integers(0, users, users)
+        diffs["auc"].append(paired.auc_diff(np.concatenate([paired.rows_of[k] for k in drawn])))
+        both = paired.per_user[drawn][~np.isnan(paired.per_user[drawn])]
         diffs["uauc"].append(float(both.mean()) if len(both) else float("nan"))
+    point = paired.point()
     out: dict = {}
     for k, v in diffs.items():
         arr = np.asarray(v)
         out[k] = {
-            "diff": float(point[k]),
+            "diff": point[k],
             "low": float(np.percentile(arr, 2.5)),
             "high": float(np.percentile(arr, 97.5)),
             "p_le_0": float(np.mean(arr <= 0)),
         }
-    return out | {"users": int(len(users)), "rows": int(len(uid)), "resamples": resamples}
+    return out | {"users": users, "rows": len(paired.label), "resamples": resamples}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, object]:
@@ -115,10 +241,10 @@ def _flat(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def setting_of(result: dict, base: dict) -> str:
+def setting_of(result: dict, base: dict, ignore: tuple[str, ...] = ()) -> str:
     """The config values in which `result` differs from `base` ("key=value, ...")."""
     a, b = _flat(result["config"]), _flat(base["config"])
-    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in ignore)
     return ", ".join(f"{k}={a.get(k, '-')}" for k in changed) or "(same config)"
 
 
@@ -128,86 +254,531 @@ def _item_scale(run: Path, result: dict, stage: str) -> float | None:
         return None
     path = run / "stages" / entry["dir"]
     name = "collab.safetensors" if stage.startswith("stage2") else "bundle/tensors.safetensors"
+    if not (path / name).exists():
+        return None
     return token_scale(load_file(path / name)).item
 
 
-def sweep_lines(results: dict[str, dict], sweeps: list[Path], resamples: int) -> list[str]:
-    """One row per variant of each sweep run, against the same variant of the base run."""
-    lines = [
-        "Settings tried on validation beside the base run (`scripts/train/sweep.sh`): each row is "
-        "the same variant as the base row of that name, with only the setting shown changed, on the "
-        "same validation rows; the difference is a paired user-level bootstrap as above. `<Item_ID>` "
-        "scale: median norm of Proj C->L(e_i^C) where stage 3 starts (stage 2's projection, for the "
-        "warm-started variants) and after stage 3.",
+def _local_backbone(spec: str) -> str | None:
+    """The backbone's directory when it is on this machine already (a report never downloads)."""
+    if spec == SMOLLM2_ALIAS:
+        target = cache_dir() / SMOLLM2_ALIAS
+        return str(target) if (target / "config.json").exists() else None
+    return spec if (Path(spec) / "config.json").exists() else None
+
+
+def _bundle_tensors(result: dict) -> Path | None:
+    path = Path(result.get("bundle", "")) / "tensors.safetensors"
+    return path if result.get("bundle") and path.exists() else None
+
+
+def _resume(name: str, runs: str, config: str) -> str:
+    return f"sellarec-train run {name} --config {config} --out {runs}"
+
+
+def _wall(result: dict) -> float:
+    return float(result.get("wall_seconds") or 0.0)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN for one value)."""
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else float("nan")
+
+
+def _pm(mean: float, std: float, sign: bool = False) -> str:
+    m = f"{mean:+.4f}" if sign else f"{mean:.4f}"
+    return m if np.isnan(std) else f"{m} ± {std:.4f}"
+
+
+@dataclass
+class Report:
+    """What the sections read: the base run, its results, the other run directories."""
+
+    #: The base run directory (`--runs`).
+    runs: Path
+    #: Its results per variant (those with validation metrics).
+    results: dict[str, dict]
+    #: The configuration the runs recorded ({} when no result yet).
+    cfg: dict
+    #: The configuration file named in the resume commands.
+    config: str
+    #: The Markdown file written; figures are linked relative to it.
+    doc: Path
+    #: Where the PNGs go.
+    figures: Path
+    #: Bootstrap resamples.
+    resamples: int
+    #: Run directories of scripts/train/sweep.sh.
+    sweeps: list[Path]
+    #: Run directories of the same config with another seed.
+    seeds: list[Path]
+    #: How paths are written.
+    paths: PathStyle
+    _bootstraps: dict[tuple[str, str], dict] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        runs: Path,
+        doc: Path,
+        figures: Path,
+        resamples: int,
+        config: str,
+        sweeps: list[Path],
+        seeds: list[Path],
+    ) -> Report:
+        results = load_results(runs)
+        cfg = next(iter(results.values()))["config"] if results else {}
+        train = cfg.get("data", {}).get("train")
+        paths = PathStyle.of(runs, Path(train).parent if train else None)
+        return cls(runs, results, cfg, config, doc, figures, resamples, sweeps, seeds, paths)
+
+    def bootstrap(self, a: str, b: str) -> dict:
+        """Paired bootstrap of a minus b on the base run (computed once per pair)."""
+        if (a, b) not in self._bootstraps:
+            self._bootstraps[a, b] = paired_bootstrap(self.results[a], self.results[b], self.resamples)
+        return self._bootstraps[a, b]
+
+    def resume(self, name: str) -> str:
+        return _resume(name, self.paths.path(self.runs), self.paths.text(self.config))
+
+    def figure_link(self, fig: Path) -> str:
+        return os.path.relpath(_absolute(fig), _absolute(self.doc).parent)
+
+
+def header_section(r: Report) -> list[str]:
+    options = "".join(f" --seeds {r.paths.path(s)}" for s in r.seeds) + "".join(
+        f" --sweep {r.paths.path(s)}" for s in r.sweeps
+    )
+    return [
+        "# SeLLa-Rec variants on MovieLens-1M: validation results",
         "",
-        "| variant | setting | AUC | UAUC | AUC warm | AUC cold | AUC - base AUC [95% CI] | "
-        "`<Item_ID>` scale, start -> end | wall time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"Generated by `sellarec-train report --runs {r.paths.path(r.runs)}{options}` on "
+        f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from the run directories "
+        "(stage caches, bundles and scores stay there; nothing derived from ML-1M is committed). "
+        "Paths: `RUNS/` is the directory holding the run directories, `DATA/` the one holding the "
+        "data splits.",
+        "",
     ]
-    commands = []
-    for sweep in sweeps:
-        for name, r in load_results(sweep).items():
-            base = results.get(name)
-            if base is None:
-                continue
-            v = r["valid"]
-            b = paired_bootstrap(r, base, resamples)["auc"]
-            start = _item_scale(sweep, r, "stage2-align") if VARIANTS[name].warm_start else None
-            end = _item_scale(sweep, r, f"bundle-{name}")
-            scale = f"{'-' if start is None else f'{start:.2f}'} -> {'-' if end is None else f'{end:.2f}'}"
-            lines.append(
-                f"| {LABELS[name]} | `{setting_of(r, base)}` | "
-                + " | ".join(_fmt(v.get(k)) for k in ("auc", "uauc", "auc_warm", "auc_cold"))
-                + f" | {b['diff']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}] | {scale} | "
-                f"{_wall(r) / 60:.1f} min |"
-            )
-            commands.append(f"- {LABELS[name]}, `{sweep}`: `{r['command']}`")
-    if not commands:
-        return ["No sweep run given (`sellarec-train report --sweep DIR`)."]
-    return [*lines, "", "Recorded invocations:", "", *commands]
 
 
-def scale_lines(runs: Path, results: dict[str, dict], cfg: dict) -> list[str]:
-    """Median norms of the spliced soft tokens per model, beside the vocabulary's (diagnostics)."""
-    vocab = vocabulary_scale(resolve(cfg["backbone"]))
-    rows: list[tuple[str, object]] = []
-    for label, pattern in (("stage 2, with alignment (the warm start of Proj C->L)", "stage2-align-*"),):
-        path = latest_stage(runs, pattern)
-        if path is not None:
-            rows.append((label, token_scale(load_file(path / "collab.safetensors"))))
-    mf = latest_stage(runs, "stage2-mf-*")
-    if mf is not None:  # CoLLM's starting point: stage-2 MF through a freshly initialised Proj C->L
-        t = load_file(mf / "collab.safetensors")
-        llm_dim = int(AutoConfig.from_pretrained(resolve(cfg["backbone"])).get_text_config().hidden_size)
-        rand = random_projection(t["mf.items"].shape[1], llm_dim)
-        rows.append(
-            (
-                "stage 2, without alignment, random Proj C->L",
-                token_scale(t | {f"proj_c.{k}": v for k, v in rand.items()}),
-            )
-        )
-    for name, r in results.items():
-        if VARIANTS[name].stage3:
-            rows.append(
-                (
-                    f"after stage 3, {LABELS[name]}",
-                    token_scale(load_file(Path(r["bundle"]) / "tensors.safetensors")),
-                )
-            )
-    if not rows:
-        return ["Not yet available (needs the stage-2 or stage-3 caches)."]
-    out = [
-        "Median L2 norm of each vector spliced into the prompt in place of a placeholder's input "
-        f"embedding, over every user or item of the tables. The backbone's own token embeddings have a "
-        f"median norm of {'unknown' if vocab is None else f'{vocab:.2f}'}.",
+def setup_section(r: Report) -> list[str]:
+    if not r.cfg:
+        return []
+    cfg, p = r.cfg, r.paths
+    workers = sorted({p.text(x["command"]) for x in r.results.values() if x.get("command")})
+    return [
+        "## Setup",
         "",
-        "| model | `<User_ID>` | `<Item_ID>` | `<Warm_ID>` |",
+        f"- Backbone: `{p.text(cfg['backbone'])}` (SmolLM2-135M-Instruct, fp32, CPU), "
+        "not the paper's Qwen2-7B.",
+        f"- Data: the CoLLM split of ML-1M (`{p.path(cfg['data']['train'])}`, "
+        f"`{p.path(cfg['data']['valid'])}`); "
+        "model selection (stage-2 early stopping) on validation only; the test split was not used.",
+        f"- Evaluation: one seeded sample of {cfg['eval']['limit']} validation rows "
+        f"(seed {cfg['eval']['seed']}), the same rows for every variant (checked when pairing).",
+        f"- Budgets: stage 1 trains on {cfg['stage1']['budget']} seeded train rows "
+        f"({cfg['stage1'].get('epochs', 1)} epoch(s), batch {cfg['stage1']['batch_size']}, "
+        f"lr {cfg['stage1']['lr']}); stage 3 on {cfg['stage3']['budget']} rows per variant "
+        f"(batch {cfg['stage3']['batch_size']}, lr {cfg['stage3']['lr']}); stage 2 is full "
+        f"(d_C {cfg['stage2']['collab_dim']}, lambda {cfg['stage2']['align_weight']}, tau "
+        f"{cfg['stage2']['temperature']}, patience {cfg['stage2']['patience']}); "
+        "distillation covers every item.",
+        f"- Soft-token scale (`stage3.soft_token_scale`): `{cfg['stage3'].get('soft_token_scale', 'free')}`.",
+        f"- Seed {cfg['seed']}; configuration `{p.text(r.config)}` "
+        "(every value is also in each bundle's manifest).",
+        f"- Machine: {machine_line(r.results)}; {cfg['threads']} torch thread(s) per worker; "
+        f"{len(workers)} worker(s) in parallel over the shared stage caches: "
+        + ", ".join(f"`{w}`" for w in workers)
+        + ". Stages a worker finds cached are reused; the recorded invocation of each row says "
+        "which worker built it.",
+        "",
+        *budget_table(cfg),
+        "",
+    ]
+
+
+def _ours(cfg: dict, key: str) -> str:
+    """A budget setting of ours, worded like its PAPER_SETTINGS counterpart."""
+    section, name = key.split(".")
+    value = cfg.get(section, {}).get(name)
+    if name == "lora_top_layers":
+        modules = ", ".join(cfg["stage1"].get("target_modules", []))
+        return f"{'every layer' if not value else f'top {value} layers'} ({modules})"
+    if name == "budget":
+        rows = "the whole train split" if not value or value <= 0 else f"{value} rows"
+        return f"{rows}, {cfg[section].get('epochs', 1)} epoch(s)"
+    if name == "warmup_steps":
+        return "none" if not value else f"{value} steps"
+    return "-" if value is None else str(value)
+
+
+def budget_table(cfg: dict) -> list[str]:
+    """Where this run's settings depart from the paper's to fit the CPU budget."""
+    lines = ["Budget choices vs the paper:", "", "| setting | here | paper |", "|---|---|---|"]
+    return lines + [f"| `{k}` | {_ours(cfg, k)} | {paper} |" for k, paper in PAPER_SETTINGS.items()]
+
+
+def validation_section(r: Report) -> list[str]:
+    lines = [
+        "## Validation table",
+        "",
+        "| variant | AUC | UAUC | AUC warm | AUC cold | UAUC warm | UAUC cold | n | stage-1 rows | "
+        "stage-3 rows | seed | wall time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in VARIANTS:
+        res = r.results.get(name)
+        if res is None:
+            busy = any((r.runs / "stages").glob(f".*-{name}-*"))
+            lines.append(
+                f"| {LABELS[name]} | {'running (background)' if busy else 'not yet run'} "
+                "| | | | | | | | | | |"
+            )
+            continue
+        v = res["valid"]
+        s1 = res["budgets"]["stage1"] if name not in {"mf", "zeroshot"} else "-"
+        s3 = res["budgets"]["stage3"] if VARIANTS[name].stage3 else "-"
+        lines.append(
+            f"| {LABELS[name]} | "
+            + " | ".join(_fmt(v.get(k)) for k in METRICS)
+            + f" | {v['n']} | {s1} | {s3} | {res['seed']} | {_wall(res) / 60:.1f} min |"
+        )
+    return lines + [
+        "",
+        "Wall time = build time of every cached stage the variant uses (shared stages such as stage 1 "
+        "are counted in full in each row that uses them) plus its evaluation.",
+        "",
+        *commands_lines(r),
+    ]
+
+
+def commands_lines(r: Report) -> list[str]:
+    """The command of every row, the stage build times and the measured throughput."""
+    lines = ["Commands (each row; stages already in the run directory are reused, not retrained):", ""]
+    for name, res in r.results.items():
+        lines.append(
+            f"- {LABELS[name]}: `{r.resume(name)}` (recorded invocation: `{r.paths.text(res['command'])}`)"
+        )
+    lines += ["", "Stage timings (build wall time):", ""]
+    seen = set()
+    for res in r.results.values():
+        for s in res.get("stages", {}).values():
+            if s["dir"] not in seen and s.get("build_seconds") is not None:
+                seen.add(s["dir"])
+                lines.append(f"- `{s['dir']}`: {s['build_seconds'] / 60:.1f} min")
+    lines += ["", "Throughput measured in these runs (each worker single-threaded, beside the others):", ""]
+    return lines + throughput_lines(r.runs)
+
+
+def throughput_lines(runs: Path) -> list[str]:
+    """Rows (or items) per second of every built stage, from its done.json."""
+    out = []
+    for done in sorted((runs / "stages").glob("*/done.json")):
+        record = json.loads(done.read_text())
+        m = record.get("metrics") or {}
+        seconds = m.get("seconds")
+        count = m.get("rows") or m.get("items") or m.get("n")
+        if seconds and count and not record["stage"].startswith("stage2"):
+            unit = "items" if "items" in m else "rows"
+            stage = record["stage"]
+            stage = {"bundle": "stage 3", "eval": "evaluation"}.get(stage.split("-")[0], stage)
+            stage += f" ({record['stage'].split('-', 1)[1]})" if "-" in record["stage"] else ""
+            out.append(
+                f"- {stage}: {count} {unit} in {seconds / 60:.1f} min ({count / seconds:.2f} {unit}/s)"
+            )
+    return out
+
+
+def paper_table_section(r: Report) -> list[str]:
+    lines = [
+        "## The paper's Table 3 (ML-1M) beside ours",
+        "",
+        "The paper (arXiv 2504.10107, Table 3) reports AUC / UAUC on the ML-1M *test* split with "
+        "Qwen2-7B and full training; ours are on a validation sample, with a 135M backbone and small "
+        "CPU budgets. Compare orderings, not levels (different split, backbone, budget). Methods "
+        "without a variant here are `-`.",
+        "",
+        "| method | paper AUC | paper UAUC | our AUC (valid) | our UAUC (valid) |",
+        "|---|---|---|---|---|",
+    ]
+    for method, name, auc, uauc in PAPER_TABLE3_ML1M:
+        v = r.results[name]["valid"] if name in r.results else {}
+        lines.append(
+            f"| {method} | {auc:.4f} | {uauc:.4f} | {_fmt(v['auc']) if v else '-'} | "
+            f"{_fmt(v['uauc']) if v else '-'} |"
+        )
+    return lines
+
+
+def bootstrap_section(r: Report) -> list[str]:
+    lines = ["## SeLLa-Rec minus CoLLM (paired bootstrap)", ""]
+    if not {"sellarec", "collm"} <= r.results.keys():
+        return [*lines, "Not yet available: needs both the SeLLa-Rec and the CoLLM rows."]
+    b = r.bootstrap("sellarec", "collm")
+    lines += [
+        f"Paired bootstrap over users ({b['users']} users, {b['rows']} rows, {b['resamples']} resamples): "
+        "each resample draws users with replacement and keeps all their rows; both models are scored on "
+        "the same drawn rows; 95% percentile intervals.",
+        "",
+        "| metric | SeLLa-Rec - CoLLM | 95% CI | share of resamples <= 0 |",
         "|---|---|---|---|",
     ]
-    for label, t in rows:
-        cells = [("-" if v is None else f"{v:.2f}") for v in (t.user, t.item, t.warm)]
-        out.append(f"| {label} | " + " | ".join(cells) + " |")
-    return out
+    for k in ("auc", "uauc"):
+        lines.append(
+            f"| {k.upper()} | {b[k]['diff']:+.4f} | [{b[k]['low']:+.4f}, {b[k]['high']:+.4f}] | "
+            f"{b[k]['p_le_0']:.3f} |"
+        )
+    return lines
+
+
+def ordering_section(r: Report) -> list[str]:
+    lines = ["## Does the paper's ordering hold here?", ""]
+    order = [n for n in ("sellarec", "collm", "tallrec", "mf") if n in r.results]
+    if len(order) < 2:
+        return [*lines, "Not enough variants measured yet."]
+    aucs = {n: r.results[n]["valid"]["auc"] for n in order}
+    holds = all(aucs[a] > aucs[b] for a, b in zip(order, order[1:], strict=False))
+    chain = " > ".join(f"{LABELS[n]} ({aucs[n]:.4f})" for n in sorted(order, key=lambda n: -aucs[n]))
+    return lines + [
+        f"Measured AUC order: {chain}.",
+        f"The paper's order restricted to the variants measured ({' > '.join(LABELS[n] for n in order)}) "
+        f"{'holds' if holds else 'does not hold'} here.",
+    ]
+
+
+def _seed_of(results: dict[str, dict]) -> int | None:
+    return next((res.get("seed") for res in results.values()), None)
+
+
+def _seed_runs(r: Report) -> list[tuple[Path, dict[str, dict]]]:
+    """(directory, results) of the base run, then of each seed run that has any."""
+    runs = [(r.runs, r.results)] + [(d, load_results(d)) for d in r.seeds]
+    return [(d, res) for d, res in runs if res]
+
+
+def seeds_section(r: Report) -> list[str]:
+    lines = ["## Training noise (seeds)", ""]
+    dirs = _seed_runs(r)
+    runs = [res for _, res in dirs]
+    names = [n for n in VARIANTS if n in r.results and sum(n in res for res in runs) >= 2]
+    if not names:
+        return [
+            *lines,
+            "No seed run given (`sellarec-train report --seeds DIR`, repeatable), or none "
+            "shares a variant with the base run.",
+        ]
+    seeds = [_seed_of(res) for res in runs]
+    lines += [
+        f"The same configuration trained with seeds {', '.join(str(s) for s in seeds)} (the base run "
+        f"is seed {seeds[0]}); the validation rows are the same in every run (`eval.seed`). Mean and "
+        "sample standard deviation over the seeds, the base run included.",
+        "",
+        *_seed_config_notes(r, dirs[1:]),
+        "| variant | AUC / UAUC per seed | AUC mean ± std | UAUC mean ± std | seeds |",
+        "|---|---|---|---|---|",
+    ]
+    for name in names:
+        found = [(_seed_of(res), res[name]["valid"]) for res in runs if name in res]
+        cells = "; ".join(f"seed {s}: {v['auc']:.4f} / {v['uauc']:.4f}" for s, v in found)
+        auc, uauc = _mean_std([v["auc"] for _, v in found]), _mean_std([v["uauc"] for _, v in found])
+        lines.append(f"| {LABELS[name]} | {cells} | {_pm(*auc)} | {_pm(*uauc)} | {len(found)} |")
+    return lines + ["", *seed_pairs_lines(r, runs)]
+
+
+def _seed_config_notes(r: Report, others: list[tuple[Path, dict[str, dict]]]) -> list[str]:
+    """A warning for every seed run whose seed or config is not the base run's seed / config."""
+    base = next(iter(r.results.values()))
+    notes = []
+    for path, res in others:
+        other = next(iter(res.values()))
+        diff = setting_of(other, base, ignore=("seed",))
+        if other.get("seed") == base.get("seed"):
+            notes.append(f"- Warning: `{r.paths.path(path)}` has the base run's seed ({base.get('seed')}).")
+        if diff != "(same config)":
+            notes.append(
+                f"- Warning: `{r.paths.path(path)}` differs beyond the seed: `{r.paths.text(diff)}`."
+            )
+    return [*notes, ""] if notes else []
+
+
+def seed_pairs_lines(r: Report, runs: list[dict[str, dict]]) -> list[str]:
+    """Differences between variants against both noises: seeds and evaluation rows."""
+    lines = [
+        "Differences between variants. *Survives both* means (i) the mean over seeds of the paired "
+        "difference (each seed's difference computed on the same validation rows) exceeds twice the "
+        "sample standard deviation of those per-seed differences (training noise), and (ii) the 95% "
+        f"paired bootstrap interval over users of the base run (seed {_seed_of(r.results)}) excludes 0 "
+        "(evaluation noise), on the same side.",
+        "",
+        "| pair | metric | seeds | mean difference ± std | 2 × std | bootstrap 95% CI (base run) | "
+        "survives both |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for a, b in SEED_PAIRS:
+        per_seed = [paired_difference(res[a], res[b]) for res in runs if a in res and b in res]
+        if a not in r.results or b not in r.results or len(per_seed) < 2:
+            continue
+        boot = r.bootstrap(a, b)
+        for k in ("auc", "uauc"):
+            mean, std = _mean_std([d[k] for d in per_seed])
+            low, high = boot[k]["low"], boot[k]["high"]
+            lines.append(
+                f"| {LABELS[a]} - {LABELS[b]} | {k.upper()} | {len(per_seed)} | "
+                f"{_pm(mean, std, sign=True)} | "
+                f"{2 * std:.4f} | [{low:+.4f}, {high:+.4f}] | "
+                f"{'yes' if survives(mean, std, low, high) else 'no'} |"
+            )
+    return lines
+
+
+def survives(mean: float, std: float, low: float, high: float) -> bool:
+    """The seed-and-bootstrap rule of `seed_pairs_lines`."""
+    beyond_seeds = bool(abs(mean) > 2 * std)  # False for NaN (one seed)
+    beyond_rows = (low > 0 and mean > 0) or (high < 0 and mean < 0)
+    return beyond_seeds and beyond_rows
+
+
+@dataclass(frozen=True)
+class LossCurve:
+    """The per-step training loss of one cached stage."""
+
+    #: "stage 1" or "stage 3".
+    stage: str
+    #: What trained: "stage 1" or the variant's label.
+    label: str
+    #: The stage's cache directory name.
+    name: str
+    #: Training rows.
+    rows: int
+    #: BCE of every optimiser step.
+    losses: np.ndarray
+    #: BCE of the constant label-mean prediction on the same rows.
+    base_rate: float
+
+    @property
+    def title(self) -> str:
+        return self.stage if self.stage == self.label else f"{self.stage}, {self.label}"
+
+
+def _trained_stages(results: dict[str, dict]) -> list[tuple[str, str]]:
+    """(stage, cache directory) of stage 1 and of every stage-3 bundle the results use, once each."""
+    found: dict[str, str] = {}
+    for res in results.values():
+        for stage, entry in res.get("stages", {}).items():
+            variant = stage.removeprefix("bundle-")
+            if stage == "stage1" or (variant != stage and variant in VARIANTS and VARIANTS[variant].stage3):
+                found.setdefault(entry["dir"], stage)
+    return [(stage, directory) for directory, stage in found.items()]
+
+
+def _loss_curve(runs: Path, stage: str, directory: str) -> LossCurve | None:
+    """The curve a stage's done.json records (None before per-step losses were recorded)."""
+    done = runs / "stages" / directory / "done.json"
+    m = (json.loads(done.read_text()).get("metrics") or {}) if done.exists() else {}
+    if not m.get("losses") or m.get("base_rate_bce") is None:
+        return None
+    variant = stage.removeprefix("bundle-")
+    first = stage == "stage1"
+    return LossCurve(
+        stage="stage 1" if first else "stage 3",
+        label="stage 1" if first else LABELS.get(variant, variant),
+        name=directory,
+        rows=int(m.get("rows", 0)),
+        losses=np.asarray(m["losses"], dtype=float),
+        base_rate=float(m["base_rate_bce"]),
+    )
+
+
+def loss_curves(r: Report) -> tuple[list[LossCurve], list[str]]:
+    """Curves of stage 1 and every stage-3 bundle of the base run; and the stage directories
+    that recorded no per-step losses (built before they were recorded)."""
+    curves, missing = [], []
+    for stage, directory in _trained_stages(r.results):
+        curve = _loss_curve(r.runs, stage, directory)
+        if curve is None:
+            missing.append(directory)
+        else:
+            curves.append(curve)
+    return curves, missing
+
+
+def _moving_average(x: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over up to `window` steps (shorter at the start)."""
+    c = np.concatenate([[0.0], np.cumsum(x)])
+    i = np.arange(1, len(x) + 1)
+    lo = np.maximum(i - window, 0)
+    return (c[i] - c[lo]) / (i - lo)
+
+
+def plot_losses(curves: list[LossCurve], path: Path) -> Path | None:
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, stage in zip(axes, ("stage 1", "stage 3"), strict=True):
+        for k, c in enumerate(x for x in curves if x.stage == stage):
+            colour = f"C{k}"
+            steps = np.arange(1, len(c.losses) + 1)
+            ax.plot(steps, c.losses, color=colour, alpha=0.25, linewidth=0.8)
+            ax.plot(
+                steps,
+                _moving_average(c.losses, LOSS_WINDOW),
+                color=colour,
+                linewidth=1.6,
+                label=f"{c.label} ({c.rows} rows)",
+            )
+            ax.axhline(c.base_rate, color=colour, linestyle="--", linewidth=1.0)
+        ax.set_title(stage if stage == "stage 1" else f"{stage} (all variants)")
+        ax.set_xlabel("optimiser step")
+        if ax.has_data():
+            ax.legend(fontsize=7)
+    axes[0].set_ylabel("training BCE")
+    fig.suptitle(f"BCE per step (faint), moving average of {LOSS_WINDOW} steps; dashed: base-rate BCE")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def loss_section(r: Report) -> list[str]:
+    lines = ["## Training loss", ""]
+    curves, missing = loss_curves(r)
+    fig = plot_losses(curves, r.figures / "training_loss_ml1m.png")
+    if fig is not None:
+        lines += [
+            f"![training loss]({r.figure_link(fig)})",
+            "",
+            "BCE of each optimiser step (faint) and its moving average over "
+            f"{LOSS_WINDOW} steps, against the base-rate BCE (dashed, same colour): the loss of "
+            "predicting the label mean for every row, which a model that learned from the rows must "
+            "fall below. Quarters are of the optimiser steps.",
+            "",
+            "| stage | rows | steps | first-quarter mean | last-quarter mean | base-rate BCE | "
+            "last quarter - base |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in curves:
+            q = max(1, len(c.losses) // 4)
+            first, last = float(c.losses[:q].mean()), float(c.losses[-q:].mean())
+            lines.append(
+                f"| {c.title} (`{c.name}`) | {c.rows} | {len(c.losses)} | {first:.4f} | {last:.4f} | "
+                f"{c.base_rate:.4f} | {last - c.base_rate:+.4f} |"
+            )
+    else:
+        lines.append("No per-step losses recorded in this run's stage 1 or stage-3 caches.")
+    if missing:
+        lines += [
+            "",
+            "Built before per-step losses were recorded: " + ", ".join(f"`{m}`" for m in missing) + ".",
+        ]
+    return lines
 
 
 def plot_fig7(sets: dict[str, np.ndarray], path: Path) -> Path | None:
@@ -242,31 +813,168 @@ def plot_fig7(sets: dict[str, np.ndarray], path: Path) -> Path | None:
     return path
 
 
-def throughput_lines(runs: Path) -> list[str]:
-    """Rows (or items) per second of every built stage, from its done.json."""
-    out = []
-    for done in sorted((runs / "stages").glob("*/done.json")):
-        record = json.loads(done.read_text())
-        m = record.get("metrics") or {}
-        seconds = m.get("seconds")
-        count = m.get("rows") or m.get("items") or m.get("n")
-        if seconds and count and not record["stage"].startswith("stage2"):
-            unit = "items" if "items" in m else "rows"
-            stage = record["stage"]
-            stage = {"bundle": "stage 3", "eval": "evaluation"}.get(stage.split("-")[0], stage)
-            stage += f" ({record['stage'].split('-', 1)[1]})" if "-" in record["stage"] else ""
-            out.append(
-                f"- {stage}: {count} {unit} in {seconds / 60:.1f} min ({count / seconds:.2f} {unit}/s)"
+def _compared_items(r: Report) -> tuple[np.ndarray, str]:
+    """The item ids Fig. 7 compares, and how the text names them: those with training rows,
+    or every item of the distilled table when the train split is not on this machine."""
+    import pandas as pd
+
+    train = r.cfg.get("data", {}).get("train")
+    if train and Path(train).exists():
+        return np.unique(pd.read_parquet(train, columns=["iid"])["iid"]), "the items with training rows"
+    distill = latest_stage(r.runs, "distill-*")
+    table = distill / "semantic.safetensors" if distill is not None else None
+    if table is None or not table.exists():
+        return np.array([], dtype=np.int64), "no items"
+    with safe_open(str(table), framework="pt") as f:
+        count = f.get_slice("semantic.items").get_shape()[0]
+    return np.arange(count), "every item (the train split is not on this machine)"
+
+
+def alignment_section(r: Report) -> list[str]:
+    lines = ["## Alignment of collaborative and semantic item embeddings (cf. Fig. 7)", ""]
+    with_bundles = {n: res for n, res in r.results.items() if _bundle_tensors(res) is not None}
+    items, which = _compared_items(r) if r.cfg else (np.array([], dtype=np.int64), "no items")
+    sets = cosine_sets(r.runs, with_bundles, items) if len(items) else {}
+    fig = plot_fig7({k: v for k, v in sets.items() if v.size}, r.figures / "fig7_cosine_ml1m.png")
+    if fig is None:
+        return [*lines, "Not yet available (needs the distillation and stage-2 caches)."]
+    lines += [
+        f"![cosine similarity]({r.figure_link(fig)})",
+        "",
+        f"Cosine similarity between Proj C->L(e_i^C) and the distilled e_i^L over {which}:",
+        "",
+    ]
+    return lines + [
+        f"- {k}: mean {v.mean():.3f}, median {np.median(v):.3f}" for k, v in sets.items() if v.size
+    ]
+
+
+def sweep_section(r: Report) -> list[str]:
+    return ["## Tuning on validation", "", *sweep_lines(r)] if r.sweeps else []
+
+
+def sweep_lines(r: Report) -> list[str]:
+    """One row per variant of each sweep run, against the same variant of the base run."""
+    lines = [
+        "Settings tried on validation beside the base run (`scripts/train/sweep.sh`): each row is "
+        "the same variant as the base row of that name, with only the setting shown changed, on the "
+        "same validation rows; the difference is a paired user-level bootstrap as above. `<Item_ID>` "
+        "scale: median norm of Proj C->L(e_i^C) where stage 3 starts (stage 2's projection, for the "
+        "warm-started variants) and after stage 3.",
+        "",
+        "| variant | setting | AUC | UAUC | AUC warm | AUC cold | AUC - base AUC [95% CI] | "
+        "`<Item_ID>` scale, start -> end | wall time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    commands = []
+    for sweep in r.sweeps:
+        for name, res in load_results(sweep).items():
+            base = r.results.get(name)
+            if base is None:
+                continue
+            v = res["valid"]
+            b = paired_bootstrap(res, base, r.resamples)["auc"]
+            start = _item_scale(sweep, res, "stage2-align") if VARIANTS[name].warm_start else None
+            end = _item_scale(sweep, res, f"bundle-{name}")
+            scale = f"{'-' if start is None else f'{start:.2f}'} -> {'-' if end is None else f'{end:.2f}'}"
+            lines.append(
+                f"| {LABELS[name]} | `{r.paths.text(setting_of(res, base))}` | "
+                + " | ".join(_fmt(v.get(k)) for k in ("auc", "uauc", "auc_warm", "auc_cold"))
+                + f" | {b['diff']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}] | {scale} | "
+                f"{_wall(res) / 60:.1f} min |"
             )
+            commands.append(f"- {LABELS[name]}, `{r.paths.path(sweep)}`: `{r.paths.text(res['command'])}`")
+    if not commands:
+        return ["No sweep run shares a variant with the base run."]
+    return [*lines, "", "Recorded invocations:", "", *commands]
+
+
+def scale_section(r: Report) -> list[str]:
+    return [
+        "## Soft-token scale",
+        "",
+        *(scale_lines(r.runs, r.results, r.cfg) if r.cfg else ["Not yet available."]),
+    ]
+
+
+def _stage2_scale_rows(runs: Path, backbone: str | None) -> list[tuple[str, TokenScale]]:
+    """Where stage 3 starts: stage 2's aligned projection, and MF through a random one
+    (CoLLM's start; needs the backbone's hidden size, so only when the backbone is here)."""
+    rows = []
+    align = latest_stage(runs, "stage2-align-*")
+    if align is not None and (align / "collab.safetensors").exists():
+        scale = token_scale(load_file(align / "collab.safetensors"))
+        rows.append(("stage 2, with alignment (the warm start of Proj C->L)", scale))
+    mf = latest_stage(runs, "stage2-mf-*")
+    if mf is not None and backbone and (mf / "collab.safetensors").exists():
+        t = load_file(mf / "collab.safetensors")
+        llm_dim = int(AutoConfig.from_pretrained(backbone).get_text_config().hidden_size)
+        rand = random_projection(t["mf.items"].shape[1], llm_dim)
+        scale = token_scale(t | {f"proj_c.{k}": v for k, v in rand.items()})
+        rows.append(("stage 2, without alignment, random Proj C->L", scale))
+    return rows
+
+
+def scale_lines(runs: Path, results: dict[str, dict], cfg: dict) -> list[str]:
+    """Median norms of the spliced soft tokens per model, beside the vocabulary's (diagnostics).
+
+    The backbone is read only when it is on this machine already; otherwise its scale is
+    "unknown" and the random-projection row is left out.
+    """
+    backbone = _local_backbone(cfg["backbone"])
+    vocab = vocabulary_scale(backbone) if backbone else None
+    rows = _stage2_scale_rows(runs, backbone)
+    for name, res in results.items():
+        tensors = _bundle_tensors(res)
+        if VARIANTS[name].stage3 and tensors is not None:
+            rows.append((f"after stage 3, {LABELS[name]}", token_scale(load_file(tensors))))
+    if not rows:
+        return ["Not yet available (needs the stage-2 or stage-3 caches)."]
+    out = [
+        "Median L2 norm of each vector spliced into the prompt in place of a placeholder's input "
+        f"embedding, over every user or item of the tables. The backbone's own token embeddings have a "
+        f"median norm of {'unknown' if vocab is None else f'{vocab:.2f}'}.",
+        "",
+        "| model | `<User_ID>` | `<Item_ID>` | `<Warm_ID>` |",
+        "|---|---|---|---|",
+    ]
+    for label, t in rows:
+        cells = [("-" if v is None else f"{v:.2f}") for v in (t.user, t.item, t.warm)]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
     return out
 
 
-def _resume(name: str, runs: Path, config: str) -> str:
-    return f"sellarec-train run {name} --config {config} --out {runs}"
+def missing_section(r: Report) -> list[str]:
+    missing = [n for n in VARIANTS if n not in r.results]
+    if not missing:
+        return []
+    return [
+        "## Not yet run",
+        "",
+        "These rows had not finished when this document was generated. The background job keeps "
+        "going; to resume (cached stages are skipped) and refresh this document:",
+        "",
+        "```",
+        *[r.resume(n) for n in missing],
+        f"sellarec-train report --runs {r.paths.path(r.runs)}",
+        "```",
+    ]
 
 
-def _wall(result: dict) -> float:
-    return float(result.get("wall_seconds") or 0.0)
+SECTIONS = (
+    header_section,
+    setup_section,
+    validation_section,
+    paper_table_section,
+    bootstrap_section,
+    seeds_section,
+    ordering_section,
+    loss_section,
+    alignment_section,
+    sweep_section,
+    scale_section,
+    missing_section,
+)
 
 
 def write_report(
@@ -276,173 +984,17 @@ def write_report(
     resamples: int = 2000,
     config: str = "training/configs/ml1m.yaml",
     sweeps: list[Path] | None = None,
+    seeds: list[Path] | None = None,
 ) -> Path:
-    """Write `doc` (and the Fig. 7 PNG under `figures`) from the run directory `runs`."""
-    import pandas as pd
-
-    results = load_results(runs)
-    any_result = next(iter(results.values()), None)
-    cfg = any_result["config"] if any_result else {}
-    trained = (
-        np.unique(pd.read_parquet(cfg["data"]["train"], columns=["iid"])["iid"]) if cfg else np.array([])
-    )
-    workers = sorted({r["command"] for r in results.values() if r.get("command")})
-    lines = ["# SeLLa-Rec variants on MovieLens-1M: validation results", ""]
-    lines += [
-        f"Generated by `sellarec-train report --runs {runs}"
-        + "".join(f" --sweep {s}" for s in sweeps or [])
-        + f"` on {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from the run directories "
-        "(stage caches, bundles and scores stay there; nothing derived from ML-1M is committed).",
-        "",
-    ]
-    if cfg:
-        lines += [
-            "## Setup",
-            "",
-            f"- Backbone: `{cfg['backbone']}` (SmolLM2-135M-Instruct, fp32, CPU), not the paper's Qwen2-7B.",
-            f"- Data: the CoLLM split of ML-1M (`{cfg['data']['train']}`, `{cfg['data']['valid']}`); "
-            "model selection (stage-2 early stopping) on validation only; the test split was not used.",
-            f"- Evaluation: one seeded sample of {cfg['eval']['limit']} validation rows "
-            f"(seed {cfg['eval']['seed']}), "
-            "the same rows for every variant (checked when pairing).",
-            f"- Budgets: stage 1 trains on {cfg['stage1']['budget']} seeded train rows (1 epoch, batch "
-            f"{cfg['stage1']['batch_size']}, lr {cfg['stage1']['lr']}); stage 3 on "
-            f"{cfg['stage3']['budget']} rows per variant (batch {cfg['stage3']['batch_size']}, "
-            f"lr {cfg['stage3']['lr']}); stage 2 is full "
-            f"(d_C {cfg['stage2']['collab_dim']}, lambda {cfg['stage2']['align_weight']}, tau "
-            f"{cfg['stage2']['temperature']}, patience {cfg['stage2']['patience']}); "
-            "distillation covers every item.",
-            f"- Seed {cfg['seed']}; configuration `{config}` "
-            "(every value is also in each bundle's manifest).",
-            f"- Machine: {machine_line(results)}; {cfg['threads']} torch thread(s) per worker; "
-            f"{len(workers)} worker(s) in parallel over the shared stage caches: "
-            + ", ".join(f"`{w}`" for w in workers)
-            + ". Stages a worker finds cached are reused; the recorded invocation of each row says "
-            "which worker built it.",
-            "",
-        ]
-    lines += [
-        "## Validation table",
-        "",
-        "| variant | AUC | UAUC | AUC warm | AUC cold | UAUC warm | UAUC cold | n | stage-1 rows | "
-        "stage-3 rows | seed | wall time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    missing = []
-    for name in VARIANTS:
-        r = results.get(name)
-        if r is None:
-            missing.append(name)
-            busy = any((runs / "stages").glob(f".*-{name}-*"))
-            state = "running (background)" if busy else "not yet run"
-            lines.append(f"| {LABELS[name]} | {state} | | | | | | | | | | |")
-            continue
-        v = r["valid"]
-        uses_s1 = name not in {"mf", "zeroshot"}
-        uses_s3 = VARIANTS[name].stage3
-        lines.append(
-            f"| {LABELS[name]} | " + " | ".join(_fmt(v.get(k)) for k in METRICS) + f" | {v['n']} | "
-            f"{r['budgets']['stage1'] if uses_s1 else '-'} | {r['budgets']['stage3'] if uses_s3 else '-'} | "
-            f"{r['seed']} | {_wall(r) / 60:.1f} min |"
-        )
-    lines += [
-        "",
-        "Wall time = build time of every cached stage the variant uses (shared stages such as stage 1 "
-        "are counted in full in each row that uses them) plus its evaluation.",
-        "",
-        "Commands (each row; stages already in the run directory are reused, not retrained):",
-        "",
-    ]
-    for name, r in results.items():
-        lines.append(
-            f"- {LABELS[name]}: `{_resume(name, runs, config)}` (recorded invocation: `{r['command']}`)"
-        )
-    lines += ["", "Stage timings (build wall time):", ""]
-    seen = set()
-    for r in results.values():
-        for s in r.get("stages", {}).values():
-            if s["dir"] not in seen and s.get("build_seconds") is not None:
-                seen.add(s["dir"])
-                lines.append(f"- `{s['dir']}`: {s['build_seconds'] / 60:.1f} min")
-    lines += ["", "Throughput measured in these runs (each worker single-threaded, beside the others):", ""]
-    lines += throughput_lines(runs)
-    lines += [
-        "",
-        "## The paper's Table 3 (ML-1M), for context",
-        "",
-        "The paper (arXiv 2504.10107, Table 3) reports AUC/UAUC on the ML-1M *test* split with Qwen2-7B and "
-        "full training. I do not have its exact figures at hand in this workplace (no network access), so "
-        "they are not copied here rather than risk inventing them; the claim this document checks is the "
-        "ordering the paper reports: SeLLa-Rec > BinLLM > CoLLM > TALLRec > MF. BinLLM is not implemented "
-        "here. Our numbers are on validation, with a 135M backbone and small CPU budgets, so only orderings "
-        "are comparable, not levels.",
-        "",
-    ]
-    lines += ["## SeLLa-Rec minus CoLLM (paired bootstrap)", ""]
-    if "sellarec" in results and "collm" in results:
-        b = paired_bootstrap(results["sellarec"], results["collm"], resamples)
-        lines += [
-            f"Paired bootstrap over users ({b['users']} users, {b['rows']} rows, "
-            f"{b['resamples']} resamples): "
-            "each resample draws users with replacement and keeps all their rows; both models are scored on "
-            "the same drawn rows; 95% percentile intervals.",
-            "",
-            "| metric | SeLLa-Rec - CoLLM | 95% CI | share of resamples <= 0 |",
-            "|---|---|---|---|",
-        ]
-        for k in ("auc", "uauc"):
-            lines.append(
-                f"| {k.upper()} | {b[k]['diff']:+.4f} | [{b[k]['low']:+.4f}, {b[k]['high']:+.4f}] | "
-                f"{b[k]['p_le_0']:.3f} |"
-            )
-    else:
-        lines.append("Not yet available: needs both the SeLLa-Rec and the CoLLM rows.")
-    lines += ["", "## Does the paper's ordering hold here?", ""]
-    order = [n for n in ("sellarec", "collm", "tallrec", "mf") if n in results]
-    aucs = {n: results[n]["valid"]["auc"] for n in order}
-    if len(order) >= 2:
-        holds = all(aucs[a] > aucs[b] for a, b in zip(order, order[1:], strict=False))
-        chain = " > ".join(f"{LABELS[n]} ({aucs[n]:.4f})" for n in sorted(order, key=lambda n: -aucs[n]))
-        lines += [
-            f"Measured AUC order: {chain}.",
-            f"The paper's order restricted to the variants measured ({' > '.join(LABELS[n] for n in order)}) "
-            f"{'holds' if holds else 'does not hold'} here.",
-        ]
-    else:
-        lines.append("Not enough variants measured yet.")
-    lines += ["", "## Alignment of collaborative and semantic item embeddings (cf. Fig. 7)", ""]
-    sets = cosine_sets(runs, results, trained) if cfg else {}
-    fig = plot_fig7(sets, figures / "fig7_cosine_ml1m.png")
-    if fig is not None:
-        rel = Path("figures") / fig.name
-        lines += [
-            f"![cosine similarity]({rel})",
-            "",
-            "Cosine similarity between Proj C->L(e_i^C) and the distilled e_i^L over the items with "
-            "training rows:",
-            "",
-        ]
-        for label, values in sets.items():
-            lines.append(f"- {label}: mean {values.mean():.3f}, median {np.median(values):.3f}")
-    else:
-        lines.append("Not yet available (needs the distillation and stage-2 caches).")
-    if sweeps:
-        lines += ["", "## Tuning on validation", ""]
-        lines += sweep_lines(results, sweeps, resamples)
-    lines += ["", "## Soft-token scale", ""]
-    lines += scale_lines(runs, results, cfg) if cfg else ["Not yet available."]
-    if missing:
-        lines += [
-            "",
-            "## Not yet run",
-            "",
-            "These rows had not finished when this document was generated. The background job keeps "
-            "going; to resume (cached stages are skipped) and refresh this document:",
-            "",
-            "```",
-        ]
-        lines += [_resume(n, runs, config) for n in missing]
-        lines += [f"sellarec-train report --runs {runs}", "```"]
+    """Write `doc` (and the PNGs under `figures`) from the run directory `runs`, with the
+    seed runs `seeds` and the sweep runs `sweeps` beside it."""
+    r = Report.of(runs, doc, figures, resamples, config, sweeps or [], seeds or [])
+    lines: list[str] = []
+    for section in SECTIONS:
+        body = section(r)
+        while body and not body[-1]:
+            body = body[:-1]
+        lines += [*body, ""] if body else []
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text("\n".join(lines) + "\n")
+    doc.write_text("\n".join(lines).rstrip("\n") + "\n")
     return doc

@@ -17,7 +17,7 @@ from model.backbone import load_backbone
 from model.lora import attach_lora, load_lora, merge
 from model.prompts import TemplateSpec
 from model.sella import SellaRec
-from training.batches import row_prompts, training_batches
+from training.batches import base_rate_bce, row_prompts, training_batches
 from training.config import Stage1Config
 from training.distributed import shard, sum_gradients, total, world
 
@@ -44,6 +44,8 @@ def train_stage1(
     labels = torch.tensor(train["label"].to_numpy(), dtype=torch.float32)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    warmup = max(int(cfg.warmup_steps or 0), 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
     rng = np.random.default_rng(seed)
     losses: list[float] = []
     start = time.perf_counter()
@@ -61,6 +63,7 @@ def train_stage1(
                 loss.backward()
             sum_gradients(params, w)
             optimizer.step()
+            scheduler.step()
             losses.append(total(loss.item(), w))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     seconds = time.perf_counter() - start
@@ -78,6 +81,8 @@ def train_stage1(
         "seconds": seconds,
         "loss_first": losses[0] if losses else None,
         "loss_last20": float(np.mean(losses[-20:])) if losses else None,
+        "losses": losses,
+        "base_rate_bce": base_rate_bce(labels),
     }
 
 

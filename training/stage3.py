@@ -20,12 +20,12 @@ from torch import nn
 from tqdm import tqdm
 
 from model.backbone import load_backbone
-from model.collab import CollabProjector, SemanticProjector
+from model.collab import CollabProjector, SemanticProjector, vocabulary_norm
 from model.encoding import Encoded
 from model.lora import load_lora, merge
 from model.prompts import Slot, TemplateSpec
 from model.sella import SellaRec
-from training.batches import row_prompts, split_before_first_slot, training_batches
+from training.batches import base_rate_bce, grouped_batches, row_prompts, split_before_first_slot
 from training.config import Stage3Config
 from training.distributed import shard, sum_gradients, total, world
 from training.prefix import SharedHead
@@ -50,19 +50,35 @@ class SoftInputTables(nn.Module):
         )
 
 
+SOFT_TOKEN_SCALES = ("backbone", "free")
+
+
 def build_scorer(
-    backbone: str, adapter, spec: TemplateSpec, collab_dim: int, proj_c_state: dict | None, seed: int
+    backbone: str,
+    adapter,
+    spec: TemplateSpec,
+    collab_dim: int,
+    proj_c_state: dict | None,
+    seed: int,
+    soft_token_scale: str = "backbone",
 ) -> SellaRec:
-    """Frozen backbone with the stage-1 LoRA merged; projections fresh or warm-started."""
+    """Frozen backbone with the stage-1 LoRA merged; projections fresh or warm-started.
+
+    `soft_token_scale` "backbone" pins the projections' output norm to the vocabulary's
+    median embedding norm (model.collab._Projector); "free" leaves it as the paper does.
+    """
+    if soft_token_scale not in SOFT_TOKEN_SCALES:
+        raise ValueError(f"stage3.soft_token_scale: one of {SOFT_TOKEN_SCALES}, not {soft_token_scale!r}")
     model, tokenizer, info = load_backbone(backbone)
     if adapter is not None:
         model = merge(load_lora(model, adapter))
+    norm = vocabulary_norm(model.get_input_embeddings().weight) if soft_token_scale == "backbone" else 0.0
     torch.manual_seed(seed)
     uses_collab = Slot.USER in spec.slots or Slot.ITEM in spec.slots
-    proj_c = CollabProjector(collab_dim, info.hidden_size) if uses_collab else None
+    proj_c = CollabProjector(collab_dim, info.hidden_size, out_norm=norm) if uses_collab else None
     if proj_c is not None and proj_c_state:
-        proj_c.load_state_dict(proj_c_state)  # Proj C->L warm start from stage 2
-    proj_w = SemanticProjector(info.hidden_size) if Slot.WARM in spec.slots else None
+        proj_c.load_state_dict(proj_c_state | {"out_norm": torch.tensor(norm)})  # warm start from stage 2
+    proj_w = SemanticProjector(info.hidden_size, out_norm=norm) if Slot.WARM in spec.slots else None
     return SellaRec(model, tokenizer, spec, proj_c=proj_c, proj_w=proj_w)
 
 
@@ -117,7 +133,9 @@ def train_stage3(
     losses: list[float] = []
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
-        batches = training_batches([len(h) + len(t) for h, t in pieces], cfg.batch_size, rng)
+        # Rows sharing a head (same user and history) share its no-grad forward.
+        heads, lengths = [h.ids for h, _ in pieces], [len(h) + len(t) for h, t in pieces]
+        batches = grouped_batches(heads, lengths, cfg.batch_size, rng)
         bar = tqdm(batches, desc=f"stage3 epoch {epoch}", disable=not progress, unit="batch")
         for batch in bar:
             # Mean over this process's rows, rescaled to a share of the global batch mean.
@@ -157,4 +175,6 @@ def train_stage3(
         "seconds": seconds,
         "loss_first": losses[0] if losses else None,
         "loss_last20": float(np.mean(losses[-20:])) if losses else None,
+        "losses": losses,
+        "base_rate_bce": base_rate_bce(labels),
     }

@@ -2,7 +2,7 @@
 # A setting tried on validation beside a finished run, reusing the stages it does not change.
 #
 #   scripts/train/sweep.sh BASE_RUN SWEEP_RUN VARIANTS... -- OVERRIDES...
-#   scripts/train/sweep.sh /work/runs/ml1m /work/runs/ml1m-s3lr1e-4 collm sellarec -- --stage3-lr 1e-4
+#   scripts/train/sweep.sh runs/ml1m runs/ml1m-s3lr1e-4 collm sellarec -- --stage3-lr 1e-4
 #
 # CONFIG (default training/configs/ml1m.yaml) is the base run's configuration.
 # SWEEP_RUN gets links to BASE_RUN's stage-1, distillation and stage-2 caches (their keys do

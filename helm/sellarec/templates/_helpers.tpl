@@ -113,8 +113,8 @@ redis-password
 {{- printf "%s://%s%s-master:%v/0" $scheme $auth (include "sellarec.redis.fullname" .) $port -}}
 {{- else -}}
 {{- $url := .Values.externalRedis.url -}}
-{{- if not (regexMatch "^(redis|rediss)://[^/@]+" $url) -}}
-{{- fail (printf "externalRedis.url must look like redis://host:port/db or rediss://host:port/db (credentials go in a Secret), got %q" $url) -}}
+{{- if not (regexMatch "^(redis|rediss)(\\+cluster)?://[^/@]+" $url) -}}
+{{- fail (printf "externalRedis.url must look like redis://host:port/db, rediss://host:port/db or, for a Redis Cluster, redis+cluster://host:port (credentials go in a Secret), got %q" $url) -}}
 {{- end -}}
 {{- if and $auth (contains "@" $url) -}}
 {{- fail "externalRedis.url already carries credentials; drop them from the URL or drop the password settings" -}}

@@ -1,0 +1,254 @@
+"""`sellarec-train report` on fake run directories: no LLM, no backbone, no real data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from sklearn.metrics import roc_auc_score
+
+from model.backbone import SMOLLM2_ALIAS
+from training.config import load_config
+from training.report import (
+    LABELS,
+    PAPER_TABLE3_ML1M,
+    PathStyle,
+    _local_backbone,
+    survives,
+    write_report,
+)
+
+USERS, PER_USER = 12, 10
+#: How strongly each variant's scores follow the label (0: noise only).
+SIGNAL = {"mf": 0.3, "collm": 0.5, "sellarec": 3.0}
+LOSSES = [0.9, 0.8, 0.75, 0.7, 0.69, 0.66, 0.64, 0.6]
+
+
+def validation_rows() -> dict[str, np.ndarray]:
+    """The same rows in every run (as `eval.seed` makes them): each user holds both labels."""
+    rng = np.random.default_rng(0)
+    label = np.concatenate([rng.permutation([0, 1] * (PER_USER // 2)) for _ in range(USERS)])
+    return {
+        "uid": np.repeat(np.arange(USERS), PER_USER),
+        "iid": np.arange(USERS * PER_USER),
+        "label": label,
+        "not_cold": np.ones(USERS * PER_USER, dtype=np.int64),
+    }
+
+
+def fake_scores(signal: float, seed: int) -> np.ndarray:
+    rows = validation_rows()
+    return np.random.default_rng(seed + 100).normal(size=len(rows["label"])) + signal * rows["label"]
+
+
+def uauc(label: np.ndarray, scores: np.ndarray, uid: np.ndarray) -> float:
+    return float(np.mean([roc_auc_score(label[uid == u], scores[uid == u]) for u in np.unique(uid)]))
+
+
+def make_run(root: Path, name: str, seed: int, signal: dict[str, float], with_losses: bool = True) -> Path:
+    """A run directory as `sellarec-train run` leaves it: results, scores, done.json files."""
+    run = root / name
+    cfg = load_config(
+        None,
+        {
+            "seed": seed,
+            "backbone": str(root / "no-backbone-here"),
+            "data.train": str(root / "data" / "train.parquet"),
+            "data.valid": str(root / "data" / "valid.parquet"),
+            "stage1.budget": 64,
+            "stage1.lora_top_layers": 8,
+            "stage3.budget": 32,
+            "eval.limit": USERS * PER_USER,
+        },
+    )
+    rows = validation_rows()
+    write_done(run, "stage1-s1", "stage1", LOSSES, with_losses)
+    for variant, strength in signal.items():
+        scores = fake_scores(strength, seed)
+        score_file = run / "stages" / f"eval-{variant}-e" / "scores.safetensors"
+        score_file.parent.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {"scores": torch.tensor(scores)} | {k: torch.tensor(v) for k, v in rows.items()},
+            str(score_file),
+        )
+        auc = float(roc_auc_score(rows["label"], scores))
+        u = uauc(rows["label"], scores, rows["uid"])
+        stages = {"stage1": {"dir": "stage1-s1", "build_seconds": 60.0}}
+        if variant != "mf":
+            write_done(run, f"bundle-{variant}-b", f"bundle-{variant}", LOSSES[::-1], with_losses)
+            stages[f"bundle-{variant}"] = {"dir": f"bundle-{variant}-b", "build_seconds": 120.0}
+        result = {
+            "variant": variant,
+            "bundle": str(run / "stages" / f"bundle-{variant}-b" / "bundle"),
+            "command": f"sellarec-train run {variant} --config {root}/exp.yaml --out {run} --seed {seed}",
+            "config": dataclasses.asdict(cfg),
+            "budgets": {"stage1": 64, "stage3": 32, "eval_limit": USERS * PER_USER},
+            "seed": seed,
+            "valid": {"n": USERS * PER_USER, "auc": auc, "uauc": u, "scores": str(score_file)}
+            | {k: auc for k in ("auc_warm", "auc_cold")}
+            | {k: u for k in ("uauc_warm", "uauc_cold")},
+            "stages": stages,
+            "wall_seconds": 180.0,
+        }
+        (run / "results").mkdir(parents=True, exist_ok=True)
+        (run / "results" / f"{variant}.json").write_text(json.dumps(result))
+    return run
+
+
+def write_done(run: Path, directory: str, stage: str, losses: list[float], with_losses: bool) -> None:
+    metrics = {"rows": 64, "seconds": 10.0}
+    if with_losses:
+        metrics |= {"losses": losses, "base_rate_bce": 0.6931}
+    (run / "stages" / directory).mkdir(parents=True, exist_ok=True)
+    (run / "stages" / directory / "done.json").write_text(
+        json.dumps({"stage": stage, "key": "k", "metrics": metrics, "build_seconds": 10.0})
+    )
+
+
+def report(tmp_path: Path, seed_signals: list[dict[str, float]], with_losses: bool = True) -> str:
+    base = make_run(tmp_path, "base", 0, SIGNAL, with_losses)
+    seeds = [make_run(tmp_path, f"seed{k + 1}", k + 1, s) for k, s in enumerate(seed_signals)]
+    doc = write_report(
+        base, tmp_path / "docs" / "results.md", tmp_path / "docs" / "figures", resamples=50, seeds=seeds
+    )
+    return doc.read_text()
+
+
+def row(doc: str, start: str) -> str:
+    return next(line for line in doc.splitlines() if line.startswith(start))
+
+
+@pytest.fixture(scope="module")
+def tmp_run(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("report")
+
+
+@pytest.fixture(scope="module")
+def doc(tmp_run) -> str:
+    return report(tmp_run, [SIGNAL, SIGNAL])
+
+
+def test_seeds_section_lists_each_seed_then_mean_and_sample_std(doc):
+    rows = validation_rows()
+    aucs = [roc_auc_score(rows["label"], fake_scores(SIGNAL["sellarec"], s)) for s in range(3)]
+    uaucs = [uauc(rows["label"], fake_scores(SIGNAL["sellarec"], s), rows["uid"]) for s in range(3)]
+    line = row(doc, "| SeLLa-Rec | seed 0:")
+    for s in range(3):
+        assert f"seed {s}: {aucs[s]:.4f} / {uaucs[s]:.4f}" in line
+    assert f"{np.mean(aucs):.4f} ± {np.std(aucs, ddof=1):.4f}" in line
+    assert f"{np.mean(uaucs):.4f} ± {np.std(uaucs, ddof=1):.4f}" in line
+    assert line.endswith("| 3 |")
+
+
+def test_seed_pairs_state_the_rule_and_the_per_seed_paired_spread(doc):
+    rows = validation_rows()
+    diffs = [
+        roc_auc_score(rows["label"], fake_scores(SIGNAL["sellarec"], s))
+        - roc_auc_score(rows["label"], fake_scores(SIGNAL["collm"], s))
+        for s in range(3)
+    ]
+    line = row(doc, f"| {LABELS['sellarec']} - {LABELS['collm']} | AUC |")
+    assert f"{np.mean(diffs):+.4f} ± {np.std(diffs, ddof=1):.4f}" in line
+    assert "exceeds twice the sample standard deviation" in doc
+    assert "excludes 0" in doc
+
+
+def test_a_large_gap_in_every_seed_survives_both(doc):
+    assert row(doc, f"| {LABELS['sellarec']} - {LABELS['collm']} | AUC |").endswith("| yes |")
+
+
+def test_a_seed_where_the_gap_vanishes_fails_the_seed_rule(tmp_path):
+    vanished = SIGNAL | {"sellarec": SIGNAL["collm"]}
+    doc = report(tmp_path, [SIGNAL, vanished])
+    assert row(doc, f"| {LABELS['sellarec']} - {LABELS['collm']} | AUC |").endswith("| no |")
+
+
+@pytest.mark.parametrize(
+    ("mean", "std", "low", "high", "expected"),
+    [
+        (0.10, 0.02, 0.05, 0.15, True),
+        (0.10, 0.06, 0.05, 0.15, False),  # within two seed deviations
+        (0.10, 0.02, -0.01, 0.15, False),  # the bootstrap interval holds 0
+        (-0.10, 0.02, -0.15, -0.05, True),
+        (0.10, float("nan"), 0.05, 0.15, False),  # one seed: no spread to compare with
+    ],
+)
+def test_survives_needs_both_the_seed_spread_and_the_bootstrap(mean, std, low, high, expected):
+    assert survives(mean, std, low, high) is expected
+
+
+def test_the_loss_plot_is_written_beside_the_document_with_a_quarter_table(tmp_run, doc):
+    assert (tmp_run / "docs" / "figures" / "training_loss_ml1m.png").stat().st_size > 0
+    assert "![training loss](figures/training_loss_ml1m.png)" in doc
+    line = row(doc, "| stage 1 (`stage1-s1`)")
+    first, last = np.mean(LOSSES[:2]), np.mean(LOSSES[-2:])
+    assert f"| 64 | 8 | {first:.4f} | {last:.4f} | 0.6931 | {last - 0.6931:+.4f} |" in line
+    assert row(doc, f"| stage 3, {LABELS['sellarec']} (`bundle-sellarec-b`)")
+
+
+def test_stages_built_before_losses_were_recorded_are_named_not_plotted(tmp_path):
+    doc = report(tmp_path, [], with_losses=False)
+    assert "Built before per-step losses were recorded: `stage1-s1`" in doc
+    assert not (tmp_path / "docs" / "figures" / "training_loss_ml1m.png").exists()
+
+
+def test_the_document_names_no_absolute_path(tmp_run, doc):
+    assert str(tmp_run) not in doc
+    assert "/tmp" not in doc
+    assert "--out RUNS/base --seed 0" in doc
+    assert "`DATA/train.parquet`" in doc
+    assert "--seeds RUNS/seed1 --seeds RUNS/seed2" in doc
+
+
+def test_the_papers_table3_sits_beside_our_validation_figures(doc):
+    for method, _, auc, uauc_ in PAPER_TABLE3_ML1M:
+        assert f"| {method} | {auc:.4f} | {uauc_:.4f} |" in doc
+    assert row(doc, "| LightGCN |").endswith("| - | - |")
+    rows = validation_rows()
+    ours = roc_auc_score(rows["label"], fake_scores(SIGNAL["sellarec"], 0))
+    assert f"| SeLLa-Rec | 0.7606 | 0.7464 | {ours:.4f} |" in doc
+    assert "compare orderings, not levels" in doc.lower()
+
+
+def test_the_setup_states_budget_choices_beside_the_papers_values(doc):
+    assert (
+        "| `stage1.lora_top_layers` | top 8 layers (q_proj, v_proj) | every layer (q_proj, v_proj) |" in doc
+    )
+    assert "| `prompt.history_length` | 10 | 10 |" in doc
+    assert "| `stage1.lr` | 0.0001 | 1e-4 |" in doc
+    assert "`stage3.soft_token_scale`" in doc
+
+
+def test_without_the_backbone_on_disk_the_scale_is_unknown_not_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("SELLAREC_CACHE_DIR", str(tmp_path))
+    assert _local_backbone(SMOLLM2_ALIAS) is None
+    assert _local_backbone("Qwen/Qwen2-7B") is None
+    (tmp_path / SMOLLM2_ALIAS).mkdir()
+    (tmp_path / SMOLLM2_ALIAS / "config.json").write_text("{}")
+    assert _local_backbone(SMOLLM2_ALIAS) == str(tmp_path / SMOLLM2_ALIAS)
+
+
+def test_paths_are_relative_to_the_working_directory_else_under_a_placeholder():
+    style = PathStyle.of(Path("/x/runs/exp"), Path("/d/ml-1m"), cwd=Path("/w"))
+    assert style.path("/x/runs/exp/stages/a") == "RUNS/exp/stages/a"
+    assert style.path("/x/runs/exp-seed1") == "RUNS/exp-seed1"
+    assert style.path("/d/ml-1m/train.parquet") == "DATA/train.parquet"
+    assert style.path("/w/runs/ml1m") == "runs/ml1m"
+    assert style.path("/elsewhere/exp.yaml") == ".../exp.yaml"
+    assert style.path("training/configs/ml1m.yaml") == "training/configs/ml1m.yaml"
+
+
+def test_absolute_paths_inside_a_command_line_are_rewritten():
+    style = PathStyle.of(Path("/x/runs/exp"), Path("/d/ml-1m"), cwd=Path("/w"))
+    command = (
+        "sellarec-train run mf --config /s/exp.yaml --out /x/runs/exp --set data.train=/d/ml-1m/t.parquet"
+    )
+    assert style.text(command) == (
+        "sellarec-train run mf --config .../exp.yaml --out RUNS/exp --set data.train=DATA/t.parquet"
+    )
+    assert style.text("AUC / UAUC, Proj C->L, a/b") == "AUC / UAUC, Proj C->L, a/b"
