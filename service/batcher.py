@@ -115,6 +115,10 @@ class Batcher(Generic[P, R]):
         queued = sum((e.work for e in self._pending), NO_WORK)
         return running + self.cost.seconds(queued)
 
+    def retry_after(self) -> int:
+        """A Retry-After value (whole seconds, at least 1): when today's queue will have drained."""
+        return _seconds(self.predicted_wait())
+
     def submit(
         self,
         payload: P,

@@ -154,8 +154,8 @@ class Engine:
         """P(Yes) for each of `items`, in order.
 
         `deadline` (a `time.monotonic()` point) is when the caller stops waiting: a request
-        that would wait past it is refused at admission, and one still queued then leaves
-        the queue unrun (DeadlineExceeded).
+        that would wait past it is refused at admission (QueueFull), and one still queued then
+        leaves the queue unrun (DeadlineExceeded: 429 with a Retry-After).
         """
         started = time.monotonic()
         if len(items) > self.max_candidates:
@@ -215,7 +215,10 @@ class Engine:
         work = Work(len(prefix) + sum(map(len, distill.values())), sum(map(len, suffixes)))
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
-            raise DeadlineExceeded("the request's timeout passed before it reached the model")
+            raise DeadlineExceeded(
+                "the request's timeout passed before it reached the model; retry later or with more time",
+                retry_after=self.batcher.retry_after(),
+            )
         future = self.batcher.submit(
             job, job.cost, job.size, work=work, deadline_s=remaining, spent_s=time.monotonic() - started
         )
@@ -225,7 +228,9 @@ class Engine:
             result = await asyncio.wait_for(future, remaining)
         except TimeoutError:
             raise DeadlineExceeded(
-                "the request's timeout passed before its scores were ready; it was dropped"
+                "the request's timeout passed before its scores were ready; it was dropped "
+                "(retry later or with more time)",
+                retry_after=self.batcher.retry_after(),
             ) from None
         if result.distilled:
             self._remember(served.version, result.distilled)

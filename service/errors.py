@@ -71,10 +71,18 @@ class QueueFull(ServiceError):
 
 
 class DeadlineExceeded(ServiceError):
-    """The caller's own timeout (X-Request-Timeout-Ms) passed before its work ran."""
+    """The caller's own timeout (X-Request-Timeout-Ms) passed before its work ran.
 
-    status = 504
+    A 429, not a 5xx: the server is overloaded for this caller's budget (the service answers
+    no 5xx for anything a client sends); retry after `retry_after` seconds or with more time.
+    """
+
+    status = 429
     type = "deadline_exceeded"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}
 
 
 class ClientClosed(ServiceError):

@@ -46,10 +46,11 @@ _ERRORS = {
     },
     429: {
         "model": ErrorResponse,
-        "description": "Overloaded: the predicted wait exceeds the budget; retry after Retry-After seconds.",
+        "description": "Overloaded: the predicted wait exceeds the budget (`queue_full`), or the "
+        "X-Request-Timeout-Ms passed while the request was queued (`deadline_exceeded`); retry after "
+        "Retry-After seconds.",
     },
     503: {"model": ErrorResponse, "description": "Store unreachable, no servable version, or shutting down."},
-    504: {"model": ErrorResponse, "description": "The X-Request-Timeout-Ms passed before the work ran."},
 }
 
 #: POST /events does not queue for the model: never a 429.
@@ -58,7 +59,8 @@ _EVENT_ERRORS = {status: answer for status, answer in _ERRORS.items() if status 
 T = TypeVar("T")
 
 #: How long the caller will wait, in milliseconds (optional): a request that would wait longer
-#: is refused at once (429), and one still queued when it passes is dropped (504).
+#: is refused at once (429 `queue_full`), and one still queued when it passes is dropped (429
+#: `deadline_exceeded`, with a Retry-After).
 Timeout = Annotated[
     int | None,
     Header(
