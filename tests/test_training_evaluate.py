@@ -130,3 +130,28 @@ def test_cli_run_rejects_a_malformed_or_unknown_setting(tmp_path):
         assert result.exit_code == 2, result.output
         assert "--set" in result.output
     assert not (tmp_path / "results").exists()
+
+
+def test_cli_refuses_a_tampered_bundle_with_one_line_and_exit_1(tmp_path, tiny_bundle_dir):
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_dir, bundle)
+    data = bytearray((bundle / "tensors.safetensors").read_bytes())
+    data[-1] ^= 1
+    (bundle / "tensors.safetensors").write_bytes(bytes(data))
+    t = factories.TITLES
+    frame = pd.DataFrame(
+        {"uid": [0], "iid": [1], "label": [1], "timestamp": [1], "his": [[0]], "his_title": [[t[0]]],
+         "title": [t[1]], "not_cold": [1]}  # fmt: skip
+    )
+    frame.to_parquet(tmp_path / "split.parquet")
+    out = tmp_path / "metrics.json"
+    args = ["evaluate", "--artifacts", str(bundle), "--data", str(tmp_path / "split.parquet")]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)  # typer.Exit, not a traceback
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refusing the bundle" in lines[0]
+    assert "checksum of tensors.safetensors" in lines[0]
+    assert "Traceback" not in result.output and not out.exists()

@@ -95,13 +95,21 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Rows per forward")] = 16,
     progress: Annotated[bool, typer.Option(help="tqdm progress bar")] = True,
 ) -> None:
-    """Score a split with a bundle of any variant; write n, auc, uauc and their warm/cold parts."""
+    """Score a split with a bundle of any variant; write n, auc, uauc and their warm/cold parts.
+
+    A bundle that is missing, tampered with or does not fit its backbone exits 1 with one line."""
+    from model.artifacts import ArtifactError, verify_bundle
     from training.data import load_split, sample
     from training.evaluate import evaluate_bundle
 
     setup_logging(None)
-    frame = sample(load_split(data), limit, seed)
-    result, _ = evaluate_bundle(artifacts, frame, batch_size, progress)
+    try:
+        verify_bundle(artifacts)  # every file checked before the split or the model is loaded
+        frame = sample(load_split(data), limit, seed)
+        result, _ = evaluate_bundle(artifacts, frame, batch_size, progress)
+    except ArtifactError as err:
+        typer.secho(f"sellarec-train evaluate: refusing the bundle: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from err
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     typer.echo(json.dumps(result))
