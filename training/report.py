@@ -17,9 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 from transformers import AutoConfig
 
@@ -816,7 +817,6 @@ def plot_fig7(sets: dict[str, np.ndarray], path: Path) -> Path | None:
 def _compared_items(r: Report) -> tuple[np.ndarray, str]:
     """The item ids Fig. 7 compares, and how the text names them: those with training rows,
     or every item of the distilled table when the train split is not on this machine."""
-    import pandas as pd
 
     train = r.cfg.get("data", {}).get("train")
     if train and Path(train).exists():
@@ -961,12 +961,59 @@ def missing_section(r: Report) -> list[str]:
     ]
 
 
+def _blend(r: Report, name: str) -> dict | None:
+    """A pseudo-result whose scores are `name`'s LLM logit plus MF's logit, row by row."""
+    if name not in r.results or "mf" not in r.results:
+        return None
+    llm, mf = load_file(r.results[name]["valid"]["scores"]), load_file(r.results["mf"]["valid"]["scores"])
+    if not (torch.equal(llm["uid"], mf["uid"]) and torch.equal(llm["iid"], mf["iid"])):
+        return None
+    path = r.runs / "extensions" / f"{name}+mf.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(llm | {"scores": llm["scores"] + mf["scores"]}, str(path))
+    return {"valid": {"scores": str(path)}}
+
+
+def extension_section(r: Report) -> list[str]:
+    """LLM logit + MF logit: the residual-on-MF extension, computed from the saved scores."""
+    rows = [(n, _blend(r, n)) for n in ("collm", "sellarec")]
+    rows = [(n, b) for n, b in rows if b is not None]
+    if not rows:
+        return []
+    from training.evaluate import metrics
+
+    out = [
+        "## Extension, not a paper variant: LLM logit + MF logit",
+        "",
+        "The score is the variant's P(Yes) logit plus the MF dot product of the same row (both are "
+        "BCE-trained logits of the same label; nothing is fitted, so nothing is tuned on validation). "
+        "It reads the LLM as a residual on the MF it is fed. Computed from the saved scores of the "
+        "rows above; the service does not serve it.",
+        "",
+        "| model | AUC | UAUC | AUC warm | AUC cold | minus MF: AUC [95% CI] | minus MF: UAUC [95% CI] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, blend in rows:
+        t = load_file(blend["valid"]["scores"])
+        frame = pd.DataFrame({k: t[k].numpy() for k in ("uid", "label", "not_cold")})
+        m = metrics(frame, t["scores"].numpy())
+        b = paired_bootstrap(blend, r.results["mf"], r.resamples)
+        ci = {k: f"{b[k]['diff']:+.4f} [{b[k]['low']:+.4f}, {b[k]['high']:+.4f}]" for k in ("auc", "uauc")}
+        out.append(
+            f"| {LABELS[name]} + MF | "
+            + " | ".join(_fmt(m.get(k)) for k in ("auc", "uauc", "auc_warm", "auc_cold"))
+            + f" | {ci['auc']} | {ci['uauc']} |"
+        )
+    return out
+
+
 SECTIONS = (
     header_section,
     setup_section,
     validation_section,
     paper_table_section,
     bootstrap_section,
+    extension_section,
     seeds_section,
     ordering_section,
     loss_section,
