@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The whole MovieLens-1M comparison of docs/results.md, in one command, on a 2-core CPU:
 #
-#   scripts/train/ml1m.sh [RUNS]          # RUNS defaults to runs/; then see RUNS/ml1m/report.log
+#   scripts/train/ml1m.sh [RUNS]          # RUNS defaults to runs/; progress in RUNS/worker-{a,b}.log
 #
 # Two single-threaded workers run side by side (one per core):
-#   A: every variant at seed 0 in RUNS/ml1m (MF, zero-shot, TALLRec, CoLLM, SeLLa-Rec and the
-#      SeLLa ablations);
-#   B: CoLLM, SeLLa-Rec and MF again at seeds 1 and 2 (RUNS/ml1m-seed1, RUNS/ml1m-seed2: the
-#      training noise), then the paper-literal soft-token scale (RUNS/ml1m-free: SeLLa-Rec and
-#      CoLLM with stage3.soft_token_scale=free, reusing A's stage-1/2 caches).
+#   A: MF, TALLRec, CoLLM and SeLLa-Rec at seed 0 in RUNS/ml1m, then the paper-literal soft-token
+#      scale (RUNS/ml1m-free: SeLLa-Rec with stage3.soft_token_scale=free, reusing the stage-1/2
+#      caches), then the SeLLa ablations (SeLLa-Proj, SeLLa-Warm, SeLLa-UI);
+#   B: zero-shot, then MF, CoLLM and SeLLa-Rec again at seeds 1 and 2 (RUNS/ml1m-seed1,
+#      RUNS/ml1m-seed2: the training noise).
 # Then `sellarec-train report` writes docs/results.md and docs/figures/. CONFIG overrides the
 # configuration (default training/configs/ml1m.yaml; its data paths are relative to it).
 set -euo pipefail
@@ -20,8 +20,10 @@ mkdir -p "$runs"
 stamp() { date -u +%H:%M:%S; }
 
 worker_a() {
-  "$train" run mf tallrec collm sellarec sella-proj sella-warm sella-ui --config "$config" \
-    --out "$runs/ml1m" --no-progress
+  "$train" run mf tallrec collm sellarec --config "$config" --out "$runs/ml1m" --no-progress
+  CONFIG=$config "$root/scripts/train/sweep.sh" "$runs/ml1m" "$runs/ml1m-free" sellarec -- \
+    --set stage3.soft_token_scale=free --no-progress
+  "$train" run sella-proj sella-warm sella-ui --config "$config" --out "$runs/ml1m" --no-progress
 }
 
 worker_b() {
@@ -30,10 +32,6 @@ worker_b() {
   for seed in 1 2; do
     "$train" run mf collm sellarec --config "$config" --out "$runs/ml1m-seed$seed" --seed "$seed" --no-progress
   done
-  # The free-scale ablation reuses A's stage-1, distillation and stage-2 caches once they exist.
-  while [[ ! -f $(ls -d "$runs"/ml1m/stages/stage2-align-* 2>/dev/null | head -1)/done.json ]]; do sleep 30; done
-  CONFIG=$config "$root/scripts/train/sweep.sh" "$runs/ml1m" "$runs/ml1m-free" sellarec collm -- \
-    --set stage3.soft_token_scale=free --no-progress
 }
 
 echo "$(stamp) start: $runs (config $config)"
