@@ -76,7 +76,23 @@ def test_yaml_overrides_defaults_and_rejects_unknown_keys(tmp_path):
 
 def test_shipped_config_loads():
     cfg = load_config(Path(__file__).parents[1] / "training" / "configs" / "ml1m.yaml")
-    assert isinstance(cfg, RunConfig) and cfg.eval.limit >= 3000
+    assert isinstance(cfg, RunConfig) and cfg.eval.limit >= 1000
+    # Data paths are relative to the config file and come back resolved.
+    assert Path(cfg.data.train).is_absolute() and cfg.data.train.endswith("ml-1m/train.parquet")
+
+
+def test_relative_data_paths_resolve_against_the_config_file(tmp_path):
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "run.yaml"
+    path.write_text("data:\n  train: ../data/t.parquet\n  valid: v.parquet\n")
+    cfg = load_config(path)
+    assert cfg.data.train == str((tmp_path / "data" / "t.parquet").resolve())
+    assert cfg.data.valid == str((tmp_path / "conf" / "v.parquet").resolve())
+
+
+def test_a_missing_split_names_the_setting_to_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.train"):
+        Dataset.load(tmp_path / "nope.parquet", tmp_path / "nope.parquet")
 
 
 def test_variants_follow_the_paper_switches():
