@@ -5,7 +5,7 @@ few (history, title) pairs, scores them with `SellaRec.score` (plain torch path)
 vLLM (`enable_prompt_embeds`, prefix caching, `logprob_token_ids=[yes, no]`), and prints
 the largest |P_vllm - P_torch| and the engine start time.
 
-    SELLAREC_CACHE_DIR=/root/.cache/sellarec .venv/bin/python scripts/vllm/compare_smollm2.py
+    SELLAREC_CACHE_DIR=~/.cache/sellarec .venv/bin/python scripts/vllm/compare_smollm2.py
 
 vLLM starts an engine-core process (spawn): everything runs under the __main__ guard.
 """

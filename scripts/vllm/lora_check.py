@@ -6,7 +6,7 @@ weights (what `service.vllm_backend` does) and vLLM on the base weights with the
 as a `LoRARequest` (`enable_lora=True`). Prints the largest |dP| of each and candidates/s
 for one 100-candidate request (one wave, prefix cache reset before each timed run).
 
-    SELLAREC_CACHE_DIR=/root/.cache/sellarec .venv/bin/python scripts/vllm/lora_check.py
+    SELLAREC_CACHE_DIR=~/.cache/sellarec .venv/bin/python scripts/vllm/lora_check.py
 """
 
 from __future__ import annotations
