@@ -31,9 +31,9 @@ class MatrixFactorization(nn.Module):
         return F.binary_cross_entropy_with_logits(self(users, items), labels.float())
 
 
-def at_norm(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+def at_norm(x: torch.Tensor, norm: float) -> torch.Tensor:
     """`x` rescaled row-wise to L2 norm `norm`; unchanged where `norm` is 0 (scale left free)."""
-    if float(norm) <= 0:
+    if norm <= 0:
         return x
     return x * (norm / x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
 
@@ -46,7 +46,8 @@ class _Projector(nn.Module):
     With `out_norm` > 0 every projected vector has exactly that norm, the median norm of the
     backbone's own token embeddings (`vocabulary_norm`), from the warm start on and through
     stage 3; only its direction is learned. `out_norm` = 0 is the paper-literal free scale
-    (kept as an ablation). The norm is a buffer, so it travels in the bundle's state dict.
+    (kept as an ablation). The norm is a buffer, so it travels in the bundle's state dict; a
+    Python copy is kept beside it so that scoring never reads a device tensor back.
     """
 
     out_norm: torch.Tensor
@@ -54,14 +55,16 @@ class _Projector(nn.Module):
     def __init__(self, out_norm: float = 0.0) -> None:
         super().__init__()
         self.register_buffer("out_norm", torch.tensor(float(out_norm)))
+        self._norm = float(out_norm)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002
         # Bundles and stage-2 projections written before the norm existed: free scale.
-        state_dict.setdefault(prefix + "out_norm", torch.tensor(0.0))
+        norm = state_dict.setdefault(prefix + "out_norm", torch.tensor(0.0))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._norm = float(norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return at_norm(self.net(x), self.out_norm)
+        return at_norm(self.net(x), self._norm)
 
 
 class CollabProjector(_Projector):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from model.collab import CollabProjector, SemanticProjector
+from model.collab import CollabProjector, SemanticProjector, vocabulary_norm
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def vocabulary_scale(backbone_dir: str | Path) -> float | None:
         with safe_open(str(shard), framework="pt") as f:  # reads one tensor, not the shard
             key = next((k for k in f.keys() if k.endswith("embed_tokens.weight")), None)  # noqa: SIM118
             if key is not None:
-                return _median_norm(f.get_tensor(key).float())
+                return vocabulary_norm(f.get_tensor(key))
     return None
 
 
