@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from model.encoding import Encoded, PromptEncoder
 from model.prompts import Prompt, Slot, TemplateSpec, scoring_prompt
@@ -177,30 +176,3 @@ def base_rate_bce(labels: torch.Tensor) -> float:
     p = float(labels.float().mean()) if len(labels) else 0.5
     p = min(max(p, 1e-6), 1 - 1e-6)
     return float(-(p * np.log(p) + (1 - p) * np.log(1 - p)))
-
-
-class LogitOffset(nn.Module):
-    """A training-only scalar added to every logit: it absorbs the backbone's Yes/No prior.
-
-    A frozen LLM starts with P(Yes) far from the label rate (on MovieLens-1M some seeds
-    start at 0.1, others at 0.9). Without a free offset, the first steps of a small budget
-    spend the trainable weights on moving every prediction the same way, which a ranking
-    metric never rewards. The offset is set on the first batch to the log-odds of the label
-    rate minus that batch's mean logit, then learned at its own rate; it is not saved: the
-    bundle scores without it, which shifts every logit of a request equally and leaves
-    every ranking (AUC, UAUC, /rerank) unchanged.
-    """
-
-    def __init__(self, label_rate: float) -> None:
-        super().__init__()
-        p = min(max(float(label_rate), 1e-4), 1 - 1e-4)
-        self.target = float(np.log(p / (1 - p)))
-        self.value = nn.Parameter(torch.zeros(()))
-        self.ready = False
-
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.ready:
-            with torch.no_grad():
-                self.value.fill_(self.target - float(logits.detach().float().mean()))
-            self.ready = True
-        return logits + self.value

@@ -69,10 +69,6 @@ class Stage1Config:
     warmup_steps: int | None = None
     #: LoRA on the top N decoder layers only (budget choice; paper: every layer). None: all.
     lora_top_layers: int | None = None
-    #: Learning rate of a training-only logit offset (training.batches.LogitOffset; choice,
-    #: not in the paper; None: no offset). It absorbs the backbone's Yes/No prior so the
-    #: trainable weights learn the ranking; bundles score without it (rankings unchanged).
-    logit_offset_lr: float | None = None
 
     def lora(self) -> LoraSettings:
         return LoraSettings(
@@ -135,10 +131,6 @@ class Stage3Config:
     #: projected vector to the median norm of the backbone's token embeddings (only its
     #: direction is learned); "free" is the paper-literal unconstrained output (ablation).
     soft_token_scale: str = "backbone"
-    #: Learning rate of a training-only logit offset (training.batches.LogitOffset; choice,
-    #: not in the paper; None: no offset). It absorbs the backbone's Yes/No prior so the
-    #: trainable weights learn the ranking; bundles score without it (rankings unchanged).
-    logit_offset_lr: float | None = None
 
 
 @dataclass

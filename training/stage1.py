@@ -17,7 +17,7 @@ from model.backbone import load_backbone
 from model.lora import attach_lora, load_lora, merge
 from model.prompts import TemplateSpec
 from model.sella import SellaRec
-from training.batches import LogitOffset, base_rate_bce, row_prompts, training_batches
+from training.batches import base_rate_bce, row_prompts, training_batches
 from training.config import Stage1Config
 from training.distributed import shard, sum_gradients, total, world
 
@@ -43,12 +43,7 @@ def train_stage1(
     encoded = [scorer.encoder.prompt(p) for p in row_prompts(spec, train)]
     labels = torch.tensor(train["label"].to_numpy(), dtype=torch.float32)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    groups = [{"params": params}]
-    offset = LogitOffset(float(labels.mean())) if cfg.logit_offset_lr else None
-    if offset is not None:
-        groups.append({"params": [offset.value], "lr": cfg.logit_offset_lr})
-        params = params + [offset.value]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     warmup = max(int(cfg.warmup_steps or 0), 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
     rng = np.random.default_rng(seed)
@@ -64,8 +59,6 @@ def train_stage1(
             loss = torch.zeros(())
             if local:
                 logits = scorer.score([encoded[i] for i in local])
-                if offset is not None:
-                    logits = offset(logits)
                 loss = F.binary_cross_entropy_with_logits(logits, labels[local], reduction="sum") / len(batch)
                 loss.backward()
             sum_gradients(params, w)
@@ -90,7 +83,6 @@ def train_stage1(
         "loss_last20": float(np.mean(losses[-20:])) if losses else None,
         "losses": losses,
         "base_rate_bce": base_rate_bce(labels),
-        "logit_offset": float(offset.value) if offset is not None else None,
     }
 
 

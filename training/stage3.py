@@ -25,7 +25,7 @@ from model.encoding import Encoded
 from model.lora import load_lora, merge
 from model.prompts import Slot, TemplateSpec
 from model.sella import SellaRec
-from training.batches import LogitOffset, base_rate_bce, grouped_batches, row_prompts, split_before_first_slot
+from training.batches import base_rate_bce, grouped_batches, row_prompts, split_before_first_slot
 from training.config import Stage3Config
 from training.distributed import shard, sum_gradients, total, world
 from training.prefix import SharedHead
@@ -91,7 +91,6 @@ def split_loss(
     iids: torch.Tensor,
     labels: torch.Tensor,
     head: SharedHead | None = None,
-    offset: LogitOffset | None = None,
 ) -> torch.Tensor:
     """BCE on P(Yes) with the slot-free heads run once each under no_grad."""
     unique: dict[tuple[int, ...], int] = {}
@@ -102,8 +101,6 @@ def split_loss(
     with torch.no_grad():
         state = head.run(distinct) if head is not None else scorer.run_prefixes(distinct)
     logits = scorer.score_suffixes(state, rows, tails, tables.vectors(scorer, uids, iids))
-    if offset is not None:
-        logits = offset(logits)
     return F.binary_cross_entropy_with_logits(logits, labels)  # Eq. 11
 
 
@@ -126,9 +123,6 @@ def train_stage3(
         {"params": [p for p in tables.parameters()], "weight_decay": 0.0},
         {"params": [p for m in projections for p in m.parameters()], "weight_decay": cfg.weight_decay},
     ]
-    offset = LogitOffset(float(labels.mean())) if cfg.logit_offset_lr else None
-    if offset is not None:
-        groups.append({"params": [offset.value], "lr": cfg.logit_offset_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
     params = [p for g in groups for p in g["params"]]
     w = world()
@@ -159,7 +153,6 @@ def train_stage3(
                     iids[b],
                     labels[b],
                     shared,
-                    offset,
                 ) * (len(local) / len(batch))
                 loss.backward()
             sum_gradients(params, w)
@@ -184,5 +177,4 @@ def train_stage3(
         "loss_last20": float(np.mean(losses[-20:])) if losses else None,
         "losses": losses,
         "base_rate_bce": base_rate_bce(labels),
-        "logit_offset": float(offset.value) if offset is not None else None,
     }
