@@ -50,6 +50,7 @@ COPY model ./model
 COPY training ./training
 COPY service ./service
 COPY loadtest ./loadtest
+COPY bench ./bench
 RUN pip install --no-deps . \
  && python -c "import service, model" \
  && command -v sellarec-serve sellarec-store

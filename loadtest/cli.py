@@ -22,11 +22,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from loadtest.plot import plot_latency_throughput, step_label
-from loadtest.runner import LoadPlan, check_ready, run_plan
-from loadtest.stats import render_report, render_sweep, summarize
-from loadtest.sweep import run_sweep
-from loadtest.workload import Workload, WorkloadConfig, default_ids, load_ids
+from sellarec.loadtest.plot import plot_latency_throughput, step_label
+from sellarec.loadtest.runner import LoadPlan, check_ready, run_plan
+from sellarec.loadtest.stats import render_report, render_sweep, summarize
+from sellarec.loadtest.sweep import run_sweep
+from sellarec.loadtest.workload import Workload, WorkloadConfig, default_ids, load_ids
 
 app = typer.Typer(
     help="Load tester for the SeLLa-Rec scoring service (talks to it over HTTP only).",

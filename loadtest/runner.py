@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from loadtest.workload import Workload
+from sellarec.loadtest.workload import Workload
 
 Clock = Callable[[], float]
 

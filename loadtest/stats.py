@@ -16,7 +16,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from loadtest.runner import RunResult
+from sellarec.loadtest.runner import RunResult
 
 PERCENTILES = (50, 90, 99)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from loadtest.runner import LoadPlan, run_plan
-from loadtest.stats import summarize
-from loadtest.workload import Workload
+from sellarec.loadtest.runner import LoadPlan, run_plan
+from sellarec.loadtest.stats import summarize
+from sellarec.loadtest.workload import Workload
 
 
 async def run_sweep(

@@ -32,8 +32,8 @@ import torch
 from pydantic import BaseModel, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
-from model.backbone import BackboneInfo
-from model.prompts import TEMPLATE_ID, Slot, TemplateSpec
+from sellarec.model.backbone import BackboneInfo
+from sellarec.model.prompts import TEMPLATE_ID, Slot, TemplateSpec
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

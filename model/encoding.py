@@ -14,7 +14,7 @@ from functools import lru_cache
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from model.prompts import Prompt, Segment, Slot
+from sellarec.model.prompts import Prompt, Segment, Slot
 
 
 @dataclass(frozen=True)

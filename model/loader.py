@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from model.artifacts import ArtifactError, Bundle, check_compatible, load_bundle
-from model.backbone import BackboneInfo, load_backbone
-from model.collab import CollabProjector, SemanticProjector
-from model.lora import load_lora, merge
-from model.scoring import answer_token_ids
-from model.sella import SellaRec
+from sellarec.model.artifacts import ArtifactError, Bundle, check_compatible, load_bundle
+from sellarec.model.backbone import BackboneInfo, load_backbone
+from sellarec.model.collab import CollabProjector, SemanticProjector
+from sellarec.model.lora import load_lora, merge
+from sellarec.model.scoring import answer_token_ids
+from sellarec.model.sella import SellaRec
 
 
 @dataclass

@@ -19,12 +19,12 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from model import prefix_attention
-from model.collab import CollabProjector, SemanticProjector
-from model.encoding import Encoded, PromptEncoder
-from model.prompts import ALL_SLOTS, Slot, TemplateSpec, distillation_prompt
-from model.scoring import YesNoHead
-from model.soft_tokens import slot_positions, splice
+from sellarec.model import prefix_attention
+from sellarec.model.collab import CollabProjector, SemanticProjector
+from sellarec.model.encoding import Encoded, PromptEncoder
+from sellarec.model.prompts import ALL_SLOTS, Slot, TemplateSpec, distillation_prompt
+from sellarec.model.scoring import YesNoHead
+from sellarec.model.soft_tokens import slot_positions, splice
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from model.prompts import ALL_SLOTS, Slot
+from sellarec.model.prompts import ALL_SLOTS, Slot
 
 
 def slot_positions(

@@ -19,10 +19,10 @@ import typer
 import uvicorn
 from pydantic import ValidationError
 
-from model.artifacts import ArtifactError, verify_bundle
-from service import redact
-from service.app import create_app
-from service.settings import Settings
+from sellarec.model.artifacts import ArtifactError, verify_bundle
+from sellarec.service import redact
+from sellarec.service.api.app import create_app
+from sellarec.service.settings import Settings
 
 
 def main(

@@ -4,7 +4,7 @@ import factories
 import pytest
 import torch
 
-from model.backbone import SMOLLM2_ALIAS, fetch_smollm2
+from sellarec.model.backbone import SMOLLM2_ALIAS, fetch_smollm2
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config
 
-from model.artifacts import Catalog, Manifest, TemplateRecord, backbone_record, save_bundle
-from model.backbone import SMOLLM2_ALIAS, load_backbone, load_tokenizer, random_backbone
-from model.collab import CollabProjector, SemanticProjector
-from model.lora import LoraSettings, attach_lora
-from model.prompts import ALL_SLOTS, Slot, TemplateSpec
-from model.scoring import answer_token_ids
+from sellarec.model.artifacts import Catalog, Manifest, TemplateRecord, backbone_record, save_bundle
+from sellarec.model.backbone import SMOLLM2_ALIAS, load_backbone, load_tokenizer, random_backbone
+from sellarec.model.collab import CollabProjector, SemanticProjector
+from sellarec.model.lora import LoraSettings, attach_lora
+from sellarec.model.prompts import ALL_SLOTS, Slot, TemplateSpec
+from sellarec.model.scoring import answer_token_ids
 
 TITLES = [
     "Toy Story (1995)",

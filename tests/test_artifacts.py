@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.artifacts import (
+from sellarec.model.artifacts import (
     ArtifactError,
     Catalog,
     Manifest,
@@ -19,9 +19,9 @@ from model.artifacts import (
     save_bundle,
     verify_bundle,
 )
-from model.backbone import BackboneInfo, load_backbone, random_backbone
-from model.loader import load_scorer
-from model.prompts import scoring_prompt
+from sellarec.model.backbone import BackboneInfo, load_backbone, random_backbone
+from sellarec.model.loader import load_scorer
+from sellarec.model.prompts import scoring_prompt
 
 
 def _small(tmp_path, **overrides):

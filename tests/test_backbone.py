@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.backbone import BackboneNotFound, load_backbone
-from model.lora import LoraSettings, attach_lora, merge
-from model.prompts import TemplateSpec, scoring_prompt
-from model.sella import SellaRec
+from sellarec.model.backbone import BackboneNotFound, load_backbone
+from sellarec.model.lora import LoraSettings, attach_lora, merge
+from sellarec.model.prompts import TemplateSpec, scoring_prompt
+from sellarec.model.sella import SellaRec
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.collab import (
+from sellarec.model.collab import (
     CollabProjector,
     MatrixFactorization,
     SemanticProjector,

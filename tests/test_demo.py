@@ -16,10 +16,10 @@ import typer
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from model.loader import load_scorer
-from training.data import COLUMNS, Dataset
-from training.demo import DemoBudget, demo, run_demo, try_these
-from training.synthetic import GENRES, SyntheticSpec, synthetic_frames, write_splits
+from sellarec.model.loader import load_scorer
+from sellarec.training.data import COLUMNS, Dataset
+from sellarec.training.demo import DemoBudget, demo, run_demo, try_these
+from sellarec.training.synthetic import GENRES, SyntheticSpec, synthetic_frames, write_splits
 
 SMALL = SyntheticSpec(n_users=20, n_items=36, n_train=240, n_valid=80, seed=3)
 TITLE = re.compile(r"^(?P<words>.+) \((?P<genre>[A-Za-z-]+), (?P<year>\d{4})\)$")
@@ -154,7 +154,7 @@ def test_a_tiny_demo_builds_a_servable_bundle_and_a_rerun_skips_training(tiny_ba
 
 
 def test_the_readme_lists_every_service_setting_with_its_default():
-    from service.settings import Settings
+    from sellarec.service.settings import Settings
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for name, field in Settings.model_fields.items():

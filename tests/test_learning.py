@@ -23,13 +23,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.prompts import Slot, TemplateSpec
-from model.sella import SellaRec
-from training.config import Stage2Config, Stage3Config
-from training.data import Dataset, sample
-from training.stage2 import train_stage2
-from training.stage3 import SoftInputTables, build_scorer, train_stage3
-from training.synthetic import SyntheticSpec, synthetic_frames
+from sellarec.model.prompts import Slot, TemplateSpec
+from sellarec.model.sella import SellaRec
+from sellarec.training.config import Stage2Config, Stage3Config
+from sellarec.training.data import Dataset, sample
+from sellarec.training.stage2 import train_stage2
+from sellarec.training.stage3 import SoftInputTables, build_scorer, train_stage3
+from sellarec.training.synthetic import SyntheticSpec, synthetic_frames
 
 #: How far below the base rate the end of training must be ("clearly below").
 MARGIN = 0.03

@@ -20,10 +20,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from typer.testing import CliRunner
 
-from loadtest.cli import app as cli_app
-from loadtest.runner import LoadPlan, RunResult, Sample, run_plan
-from loadtest.stats import summarize
-from loadtest.workload import Workload, WorkloadConfig, default_ids, load_ids
+from sellarec.loadtest.cli import app as cli_app
+from sellarec.loadtest.runner import LoadPlan, RunResult, Sample, run_plan
+from sellarec.loadtest.stats import summarize
+from sellarec.loadtest.workload import Workload, WorkloadConfig, default_ids, load_ids
 
 # The report's keys as callers read them from the JSON; changing one breaks them.
 DOCUMENTED_KEYS = {

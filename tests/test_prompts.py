@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from model.encoding import PromptEncoder
-from model.prompts import (
+from sellarec.model.encoding import PromptEncoder
+from sellarec.model.prompts import (
     ALL_SLOTS,
     Slot,
     TemplateSpec,

@@ -6,10 +6,10 @@ import factories
 import pytest
 import torch
 
-from model.backbone import load_backbone
-from model.prompts import Slot, TemplateSpec, scoring_prompt
-from model.scoring import YesNoHead, answer_token_ids
-from model.sella import SellaRec
+from sellarec.model.backbone import load_backbone
+from sellarec.model.prompts import Slot, TemplateSpec, scoring_prompt
+from sellarec.model.scoring import YesNoHead, answer_token_ids
+from sellarec.model.sella import SellaRec
 
 HISTORIES = [["Toy Story (1995)", "Heat (1995)"], [], [f"Film {k}" for k in range(12)]]
 TITLES = ["Alien (1979)", "Amélie (2001)", "千と千尋の神隠し (2001)"]

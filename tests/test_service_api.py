@@ -13,7 +13,7 @@ import threading
 import pytest
 from test_service_support import quick_settings, serving
 
-from service.admission import CostModel, Work
+from sellarec.service.engine.admission import CostModel, Work
 
 TOKEN = "s3cret-token"
 

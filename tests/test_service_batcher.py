@@ -7,10 +7,10 @@ import threading
 
 import pytest
 
-from service.admission import CostModel, Work
-from service.batcher import Batcher
-from service.errors import QueueFull, ShuttingDown
-from service.metrics import Metrics
+from sellarec.service.engine.admission import CostModel, Work
+from sellarec.service.engine.batcher import Batcher
+from sellarec.service.errors import QueueFull, ShuttingDown
+from sellarec.service.metrics import Metrics
 
 
 class Recorder:

@@ -23,11 +23,11 @@ from test_service_support import (
 )
 from typer.testing import CliRunner
 
-from model.artifacts import load_bundle
-from service.redis_store import RedisStore, connect
-from service.store import LabelledEvent, LikedItem
-from service.store_admin import StoreAdmin
-from service.store_cli import app as store_cli
+from sellarec.model.artifacts import load_bundle
+from sellarec.service.store.admin import StoreAdmin
+from sellarec.service.store.base import LabelledEvent, LikedItem
+from sellarec.service.store.cli import app as store_cli
+from sellarec.service.store.redis_store import RedisStore, connect
 
 CANDIDATES = ["i0", "i2", "i5", "i7", {"item_id": "brand-new", "title": "Brand New (2031)"}]
 U3_HISTORY = [f"i{k}" for k in range(9)]

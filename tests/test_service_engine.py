@@ -16,9 +16,9 @@ import pytest
 import torch
 from test_service_support import quick_settings, serving, shared_model
 
-from model.collab import fold_in
-from model.loader import LoadedModel
-from model.prompts import scoring_prompt
+from sellarec.model.collab import fold_in
+from sellarec.model.loader import LoadedModel
+from sellarec.model.prompts import scoring_prompt
 
 CASES: list[dict[str, Any]] = [
     {"user_id": "u0", "items": ["i1", "i5"]},  # known user, empty stored history

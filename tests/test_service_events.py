@@ -13,9 +13,9 @@ import pytest
 import torch
 from test_service_support import quick_settings, serving
 
-from model.artifacts import load_bundle
-from model.collab import fold_in, fold_in_labelled
-from service.store import (
+from sellarec.model.artifacts import load_bundle
+from sellarec.model.collab import fold_in, fold_in_labelled
+from sellarec.service.store.base import (
     InMemoryStore,
     LabelledEvent,
     LikedItem,

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from test_service_support import REDIS_URL, delete_prefix, unique_prefix
 
-from model.artifacts import load_bundle
-from service.store_admin import StoreAdmin
+from sellarec.model.artifacts import load_bundle
+from sellarec.service.store.admin import StoreAdmin
 
 SERVE = str(Path(sys.executable).with_name("sellarec-serve"))
 

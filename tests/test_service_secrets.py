@@ -9,10 +9,10 @@ import shutil
 from test_service_support import quick_settings, serving
 from typer.testing import CliRunner
 
-from service import redact
-from service.cli import cli_app
-from service.redis_store import RedisStore
-from service.store_cli import app as store_app
+from sellarec.service import redact
+from sellarec.service.cli import cli_app
+from sellarec.service.store.cli import app as store_app
+from sellarec.service.store.redis_store import RedisStore
 
 DEAD_REDIS = "redis://:hunter2@127.0.0.1:1/0"  # nothing listens on port 1
 
@@ -113,7 +113,7 @@ def test_store_cli_never_prints_a_redis_cluster_password():
 
 def test_sellarec_serve_masks_the_password_of_a_cluster_url(tiny_bundle_dir, monkeypatch):
     """The serve CLI installs the password of a redis+cluster:// URL as a secret, like any URL's."""
-    import service.cli as serve_cli
+    import sellarec.service.cli as serve_cli
 
     installed: list = []
     monkeypatch.setattr(serve_cli.redact, "install", lambda secrets: installed.extend(secrets))

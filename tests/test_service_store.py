@@ -24,10 +24,10 @@ from test_service_support import (
 )
 from typer.testing import CliRunner
 
-from model.artifacts import load_bundle
-from service.store_admin import LoadRefused, StoreAdmin
-from service.store_cli import app as store_cli
-from service.versions import version_id
+from sellarec.model.artifacts import load_bundle
+from sellarec.service.store.admin import LoadRefused, StoreAdmin
+from sellarec.service.store.cli import app as store_cli
+from sellarec.service.store.versions import version_id
 
 ITEMS = ["i0", "i3", "i9", {"item_id": "brand-new", "title": "Brand New (2031)"}]
 

@@ -27,11 +27,11 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from safetensors.torch import load_file, save_file
 
-from model.artifacts import MANIFEST, TENSORS, Manifest, sha256_file
-from model.loader import LoadedModel, load_scorer
-from service.app import create_app
-from service.settings import Settings
-from service.store import Store
+from sellarec.model.artifacts import MANIFEST, TENSORS, Manifest, sha256_file
+from sellarec.model.loader import LoadedModel, load_scorer
+from sellarec.service.api.app import create_app
+from sellarec.service.settings import Settings
+from sellarec.service.store.base import Store
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

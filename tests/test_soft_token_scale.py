@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from model.collab import CollabProjector, SemanticProjector, vocabulary_norm
+from sellarec.model.collab import CollabProjector, SemanticProjector, vocabulary_norm
 
 
 def test_a_pinned_projection_outputs_exactly_its_norm():

@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from model.encoding import PromptEncoder
-from model.prompts import ALL_SLOTS, TemplateSpec, scoring_prompt
-from model.soft_tokens import slot_positions, splice
+from sellarec.model.encoding import PromptEncoder
+from sellarec.model.prompts import ALL_SLOTS, TemplateSpec, scoring_prompt
+from sellarec.model.soft_tokens import slot_positions, splice
 
 SUBSETS = [s for k in range(4) for s in itertools.combinations(ALL_SLOTS, k)]
 

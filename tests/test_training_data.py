@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.config import VARIANTS, RunConfig, load_config
-from training.data import Dataset, load_split, sample
+from sellarec.training.config import VARIANTS, RunConfig, load_config
+from sellarec.training.data import Dataset, load_split, sample
 
 
 def _split() -> pd.DataFrame:

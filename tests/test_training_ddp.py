@@ -21,10 +21,10 @@ SCRIPT = textwrap.dedent(
     import pandas as pd
     import torch
 
-    from model.prompts import TemplateSpec
-    from training.config import Stage1Config
-    from training.distributed import world
-    from training.stage1 import train_stage1
+    from sellarec.model.prompts import TemplateSpec
+    from sellarec.training.config import Stage1Config
+    from sellarec.training.distributed import world
+    from sellarec.training.stage1 import train_stage1
 
     backbone, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)

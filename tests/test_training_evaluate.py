@@ -10,8 +10,8 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from training.cli import app
-from training.evaluate import metrics
+from sellarec.training.cli import app
+from sellarec.training.evaluate import metrics
 
 
 def _frame(seed: int = 0, n: int = 200) -> tuple[pd.DataFrame, np.ndarray]:
@@ -95,7 +95,7 @@ def test_cli_evaluates_a_split_with_unknown_ids(tmp_path, tiny_bundle_dir):
 def test_cli_run_records_its_overrides_in_the_result(tmp_path):
     import yaml
 
-    from training.synthetic import synthetic_dataset
+    from sellarec.training.synthetic import synthetic_dataset
 
     data = synthetic_dataset()
     data.train.to_parquet(tmp_path / "train.parquet")

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from model.artifacts import load_bundle
-from model.loader import load_scorer
-from training.config import VARIANTS, load_config
-from training.data import Dataset
-from training.evaluate import evaluate_bundle
-from training.pipeline import Pipeline, run_variant
-from training.synthetic import synthetic_dataset
+from sellarec.model.artifacts import load_bundle
+from sellarec.model.loader import load_scorer
+from sellarec.training.config import VARIANTS, load_config
+from sellarec.training.data import Dataset
+from sellarec.training.evaluate import evaluate_bundle
+from sellarec.training.pipeline import Pipeline, run_variant
+from sellarec.training.synthetic import synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_stages_are_shared_between_variants(run_dir):
 
 
 def test_cached_stages_are_skipped_on_rerun(run_dir, tiny_cfg, tiny_data, monkeypatch):
-    import training.pipeline as pipeline
+    import sellarec.training.pipeline as pipeline
 
     def fail(*args, **kwargs):
         raise AssertionError("a cached stage ran again")
@@ -126,7 +126,7 @@ def test_trained_tables_move_in_stage3(run_dir):
 
 
 def test_report_writes_the_table_bootstrap_and_figure(run_dir, tmp_path):
-    from training.report import LABELS, paired_bootstrap, write_report
+    from sellarec.training.report import LABELS, paired_bootstrap, write_report
 
     doc = write_report(run_dir, tmp_path / "results.md", tmp_path / "figures", resamples=20)
     text = doc.read_text()
@@ -140,7 +140,7 @@ def test_report_writes_the_table_bootstrap_and_figure(run_dir, tmp_path):
 
 
 def test_soft_token_scale_is_the_norm_of_what_the_served_model_splices_in(run_dir):
-    from training.diagnostics import token_scale
+    from sellarec.training.diagnostics import token_scale
 
     result = json.loads((run_dir / "results" / "sellarec.json").read_text())
     loaded = load_scorer(result["bundle"])
@@ -162,7 +162,7 @@ def test_soft_token_scale_is_the_norm_of_what_the_served_model_splices_in(run_di
 def test_vocabulary_scale_reads_the_input_embeddings(run_dir, tiny_backbone_dir):
     from transformers import AutoModelForCausalLM
 
-    from training.diagnostics import vocabulary_scale
+    from sellarec.training.diagnostics import vocabulary_scale
 
     model = AutoModelForCausalLM.from_pretrained(tiny_backbone_dir)
     expected = model.get_input_embeddings().weight.detach().norm(dim=-1).median()
@@ -171,7 +171,7 @@ def test_vocabulary_scale_reads_the_input_embeddings(run_dir, tiny_backbone_dir)
 
 
 def test_report_has_a_soft_token_scale_row_per_stage3_variant(run_dir, tmp_path):
-    from training.report import LABELS, write_report
+    from sellarec.training.report import LABELS, write_report
 
     text = write_report(run_dir, tmp_path / "results.md", tmp_path / "figures", resamples=5).read_text()
     section = text.split("## Soft-token scale", 1)[1]
@@ -181,7 +181,7 @@ def test_report_has_a_soft_token_scale_row_per_stage3_variant(run_dir, tmp_path)
 
 
 def test_report_compares_a_sweep_run_with_the_base_row(run_dir, tiny_cfg, tiny_data, tmp_path):
-    from training.report import write_report
+    from sellarec.training.report import write_report
 
     sweep = tmp_path / "sweep"
     cfg = dataclasses.replace(tiny_cfg, stage3=dataclasses.replace(tiny_cfg.stage3, lr=3e-3))
@@ -194,7 +194,7 @@ def test_report_compares_a_sweep_run_with_the_base_row(run_dir, tiny_cfg, tiny_d
 
 
 def test_results_record_the_cpu_kernels_and_the_report_names_them(run_dir, tmp_path):
-    from training.report import machine_line
+    from sellarec.training.report import machine_line
 
     result = json.loads((run_dir / "results" / "collm.json").read_text())
     assert result["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()

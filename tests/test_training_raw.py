@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from training.raw import build_amazon_book, build_ml1m, utc
+from sellarec.training.raw import build_amazon_book, build_ml1m, utc
 
 
 def _write_ml1m(root):

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 from sklearn.metrics import roc_auc_score
 
-from model.backbone import SMOLLM2_ALIAS
-from training.config import load_config
-from training.report import (
+from sellarec.model.backbone import SMOLLM2_ALIAS
+from sellarec.training.config import load_config
+from sellarec.training.report import (
     LABELS,
     PAPER_TABLE3_ML1M,
     PathStyle,

@@ -7,10 +7,10 @@ import dataclasses
 import torch
 from safetensors.torch import load_file
 
-from training.config import Stage2Config, fingerprint
-from training.diagnostics import token_scale
-from training.stage2 import train_stage2
-from training.synthetic import synthetic_dataset
+from sellarec.training.config import Stage2Config, fingerprint
+from sellarec.training.diagnostics import token_scale
+from sellarec.training.stage2 import train_stage2
+from sellarec.training.synthetic import synthetic_dataset
 
 
 def _projected_item_scale(tmp_path, proj_weight_decay: float | None) -> float:

@@ -7,12 +7,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from model.backbone import load_backbone
-from model.collab import CollabProjector, SemanticProjector
-from model.prompts import ALL_SLOTS, Slot, TemplateSpec
-from model.sella import SellaRec
-from training.batches import row_prompts, split_before_first_slot
-from training.stage3 import SoftInputTables, split_loss
+from sellarec.model.backbone import load_backbone
+from sellarec.model.collab import CollabProjector, SemanticProjector
+from sellarec.model.prompts import ALL_SLOTS, Slot, TemplateSpec
+from sellarec.model.sella import SellaRec
+from sellarec.training.batches import row_prompts, split_before_first_slot
+from sellarec.training.stage3 import SoftInputTables, split_loss
 
 
 def _setup(tiny_backbone_dir, slots=ALL_SLOTS):
@@ -75,8 +75,8 @@ def test_split_prompt_concatenates_to_the_whole_prompt(tiny_backbone_dir):
 
 
 def test_shared_instruction_head_gives_the_plain_scores(tiny_backbone_dir):
-    from training.batches import prefix_groups
-    from training.prefix import SharedHead
+    from sellarec.training.batches import prefix_groups
+    from sellarec.training.prefix import SharedHead
 
     scorer, tables, frame = _setup(tiny_backbone_dir)
     uids, iids = torch.tensor(frame["uid"].to_numpy()), torch.tensor(frame["iid"].to_numpy())
@@ -97,7 +97,7 @@ def test_shared_instruction_head_gives_the_plain_scores(tiny_backbone_dir):
 
 
 def test_shared_head_in_split_loss_gives_the_same_loss(tiny_backbone_dir):
-    from training.prefix import SharedHead
+    from sellarec.training.prefix import SharedHead
 
     scorer, tables, frame = _setup(tiny_backbone_dir)
     uids, iids = torch.tensor(frame["uid"].to_numpy()), torch.tensor(frame["iid"].to_numpy())

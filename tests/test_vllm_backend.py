@@ -19,12 +19,12 @@ import pytest
 import torch
 from test_service_support import quick_settings, serving, shared_model
 
-from model.backbone import random_backbone
-from model.encoding import Encoded
-from model.loader import LoadedModel
-from model.prompts import distillation_prompt, scoring_prompt
-from service.backend import TorchBackend
-from service.vllm_backend import (
+from sellarec.model.backbone import random_backbone
+from sellarec.model.encoding import Encoded
+from sellarec.model.loader import LoadedModel
+from sellarec.model.prompts import distillation_prompt, scoring_prompt
+from sellarec.service.backends.torch_backend import TorchBackend
+from sellarec.service.backends.vllm_backend import (
     INSTALL_HINT,
     VllmBackend,
     VllmUnavailable,

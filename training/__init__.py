@@ -2,9 +2,9 @@
 
 Programmatic use (a demo on a synthetic dataset, no files needed)::
 
-    from training.config import load_config
-    from training.pipeline import run_variant
-    from training.synthetic import synthetic_dataset
+    from sellarec.training.config import load_config
+    from sellarec.training.pipeline import run_variant
+    from sellarec.training.synthetic import synthetic_dataset
 
     cfg = load_config(None, {"backbone": "smollm2-135m-instruct", "stage1.budget": 32,
                              "stage3.budget": 32, "eval.limit": 0})

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model.encoding import Encoded, PromptEncoder
-from model.prompts import Prompt, Slot, TemplateSpec, scoring_prompt
+from sellarec.model.encoding import Encoded, PromptEncoder
+from sellarec.model.prompts import Prompt, Slot, TemplateSpec, scoring_prompt
 
 #: Batches per window sorted by length in training (the rest of the order stays random).
 BUCKET_WINDOW = 8

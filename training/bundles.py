@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.artifacts import Catalog, Manifest, TemplateRecord, backbone_record, save_bundle
-from model.backbone import BackboneInfo
-from model.prompts import TemplateSpec
-from model.scoring import answer_token_ids
-from training.data import Dataset
+from sellarec.model.artifacts import Catalog, Manifest, TemplateRecord, backbone_record, save_bundle
+from sellarec.model.backbone import BackboneInfo
+from sellarec.model.prompts import TemplateSpec
+from sellarec.model.scoring import answer_token_ids
+from sellarec.training.data import Dataset
 
 
 class AdapterCopy:

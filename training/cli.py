@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 import yaml
 
-from training.config import VARIANTS, load_config
+from sellarec.training.config import VARIANTS, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and evaluate SeLLa-Rec variants.")
 
@@ -51,7 +51,7 @@ def run(
     ] = None,
 ) -> None:
     """Train (or reuse cached stages of) each variant, evaluate it on validation, write results."""
-    from training.pipeline import run_variant
+    from sellarec.training.pipeline import run_variant
 
     overrides = {
         k: v
@@ -98,9 +98,9 @@ def evaluate(
     """Score a split with a bundle of any variant; write n, auc, uauc and their warm/cold parts.
 
     A bundle that is missing, tampered with or does not fit its backbone exits 1 with one line."""
-    from model.artifacts import ArtifactError, verify_bundle
-    from training.data import load_split, sample
-    from training.evaluate import evaluate_bundle
+    from sellarec.model.artifacts import ArtifactError, verify_bundle
+    from sellarec.training.data import load_split, sample
+    from sellarec.training.evaluate import evaluate_bundle
 
     setup_logging(None)
     try:
@@ -134,7 +134,7 @@ def report(
 ) -> None:
     """Build the results table (beside the paper's Table 3), the paired bootstrap, the training
     noise over seeds, the loss curves and the Fig. 7 plot from a run directory."""
-    from training.report import write_report
+    from sellarec.training.report import write_report
 
     typer.echo(write_report(runs, doc, figures, resamples, config, sweeps=sweep or [], seeds=seeds or []))
 
@@ -148,7 +148,7 @@ def build_data(
     metadata: Annotated[Path | None, typer.Option(help="Amazon: meta_Books.json.gz")] = None,
 ) -> None:
     """Build CoLLM-format splits from the raw MovieLens-1M or Amazon-Book 2018 files."""
-    from training.raw import build_amazon_book, build_ml1m
+    from sellarec.training.raw import build_amazon_book, build_ml1m
 
     if source == "ml1m" and raw is not None:
         built = build_ml1m(raw)

@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from model.collab import DEFAULT_COLLAB_DIM
-from model.lora import LoraSettings
-from model.prompts import ALL_SLOTS, DEFAULT_ANSWER_CUE, HISTORY_LENGTH, Slot
+from sellarec.model.collab import DEFAULT_COLLAB_DIM
+from sellarec.model.lora import LoraSettings
+from sellarec.model.prompts import ALL_SLOTS, DEFAULT_ANSWER_CUE, HISTORY_LENGTH, Slot
 
 
 @dataclass

@@ -35,12 +35,12 @@ import numpy as np
 import pandas as pd
 import typer
 
-from model.artifacts import ArtifactError, read_manifest
-from model.backbone import SMOLLM2_ALIAS, resolve
-from training.config import RunConfig, load_config
-from training.data import Dataset
-from training.pipeline import run_variant
-from training.synthetic import GENRES, SyntheticSpec, World, synthetic_frames, write_splits
+from sellarec.model.artifacts import ArtifactError, read_manifest
+from sellarec.model.backbone import SMOLLM2_ALIAS, resolve
+from sellarec.training.config import RunConfig, load_config
+from sellarec.training.data import Dataset
+from sellarec.training.pipeline import run_variant
+from sellarec.training.synthetic import GENRES, SyntheticSpec, World, synthetic_frames, write_splits
 
 log = logging.getLogger("sellarec.demo")
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from model.collab import CollabProjector, SemanticProjector, vocabulary_norm
+from sellarec.model.collab import CollabProjector, SemanticProjector, vocabulary_norm
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ import torch
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from model.artifacts import Bundle, load_bundle
-from model.loader import load_scorer
-from model.sella import SellaRec
-from training.batches import CollabInputs, pack_groups, prefix_groups, row_prompts
-from training.prefix import SharedHead
+from sellarec.model.artifacts import Bundle, load_bundle
+from sellarec.model.loader import load_scorer
+from sellarec.model.sella import SellaRec
+from sellarec.training.batches import CollabInputs, pack_groups, prefix_groups, row_prompts
+from sellarec.training.prefix import SharedHead
 
 log = logging.getLogger("sellarec.train")
 

@@ -22,17 +22,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
-from model.backbone import BackboneInfo, load_tokenizer, resolve
-from model.backbone import fingerprint as backbone_fingerprint
-from model.prompts import TemplateSpec
-from training.bundles import collab_tensors, semantic_tensors, write_bundle
-from training.config import VARIANTS, RunConfig, Variant, fingerprint
-from training.data import Dataset, sample
-from training.distributed import barrier, world
-from training.evaluate import evaluate_bundle
-from training.stage1 import distill_items, train_stage1
-from training.stage2 import train_stage2
-from training.stage3 import SoftInputTables, build_scorer, train_stage3
+from sellarec.model.backbone import BackboneInfo, load_tokenizer, resolve
+from sellarec.model.backbone import fingerprint as backbone_fingerprint
+from sellarec.model.prompts import TemplateSpec
+from sellarec.training.bundles import collab_tensors, semantic_tensors, write_bundle
+from sellarec.training.config import VARIANTS, RunConfig, Variant, fingerprint
+from sellarec.training.data import Dataset, sample
+from sellarec.training.distributed import barrier, world
+from sellarec.training.evaluate import evaluate_bundle
+from sellarec.training.stage1 import distill_items, train_stage1
+from sellarec.training.stage2 import train_stage2
+from sellarec.training.stage3 import SoftInputTables, build_scorer, train_stage3
 
 log = logging.getLogger("sellarec.train")
 DONE = "done.json"

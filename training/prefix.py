@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-from model.encoding import Encoded
-from model.sella import PrefixState, SellaRec
-from model.soft_tokens import slot_positions
+from sellarec.model.encoding import Encoded
+from sellarec.model.sella import PrefixState, SellaRec
+from sellarec.model.soft_tokens import slot_positions
 
 
 def common_head_length(prefixes: Sequence[Encoded]) -> int:

@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 from transformers import AutoConfig
 
-from model.backbone import SMOLLM2_ALIAS, cache_dir
-from training.config import VARIANTS
-from training.diagnostics import (
+from sellarec.model.backbone import SMOLLM2_ALIAS, cache_dir
+from sellarec.training.config import VARIANTS
+from sellarec.training.diagnostics import (
     TokenScale,
     cosine_sets,
     latest_stage,
@@ -980,7 +980,7 @@ def extension_section(r: Report) -> list[str]:
     rows = [(n, b) for n, b in rows if b is not None]
     if not rows:
         return []
-    from training.evaluate import metrics
+    from sellarec.training.evaluate import metrics
 
     out = [
         "## Extension, not a paper variant: LLM logit + MF logit",

@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from model.backbone import load_backbone
-from model.lora import attach_lora, load_lora, merge
-from model.prompts import TemplateSpec
-from model.sella import SellaRec
-from training.batches import base_rate_bce, row_prompts, training_batches
-from training.config import Stage1Config
-from training.distributed import shard, sum_gradients, total, world
+from sellarec.model.backbone import load_backbone
+from sellarec.model.lora import attach_lora, load_lora, merge
+from sellarec.model.prompts import TemplateSpec
+from sellarec.model.sella import SellaRec
+from sellarec.training.batches import base_rate_bce, row_prompts, training_batches
+from sellarec.training.config import Stage1Config
+from sellarec.training.distributed import shard, sum_gradients, total, world
 
 log = logging.getLogger("sellarec.train")
 

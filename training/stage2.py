@@ -18,9 +18,9 @@ from safetensors.torch import save_file
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from model.collab import CollabProjector, MatrixFactorization, info_nce
-from training.config import Stage2Config
-from training.data import Dataset
+from sellarec.model.collab import CollabProjector, MatrixFactorization, info_nce
+from sellarec.training.config import Stage2Config
+from sellarec.training.data import Dataset
 
 log = logging.getLogger("sellarec.train")
 

@@ -19,16 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from model.backbone import load_backbone
-from model.collab import CollabProjector, SemanticProjector, vocabulary_norm
-from model.encoding import Encoded
-from model.lora import load_lora, merge
-from model.prompts import Slot, TemplateSpec
-from model.sella import SellaRec
-from training.batches import base_rate_bce, grouped_batches, row_prompts, split_before_first_slot
-from training.config import Stage3Config
-from training.distributed import shard, sum_gradients, total, world
-from training.prefix import SharedHead
+from sellarec.model.backbone import load_backbone
+from sellarec.model.collab import CollabProjector, SemanticProjector, vocabulary_norm
+from sellarec.model.encoding import Encoded
+from sellarec.model.lora import load_lora, merge
+from sellarec.model.prompts import Slot, TemplateSpec
+from sellarec.model.sella import SellaRec
+from sellarec.training.batches import base_rate_bce, grouped_batches, row_prompts, split_before_first_slot
+from sellarec.training.config import Stage3Config
+from sellarec.training.distributed import shard, sum_gradients, total, world
+from sellarec.training.prefix import SharedHead
 
 log = logging.getLogger("sellarec.train")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from training.data import Dataset
+from sellarec.training.data import Dataset
 
 #: Genre -> (title openers, title endings); every title of a genre draws one of each.
 GENRES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

@@ -34,9 +34,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model.artifacts import load_bundle
-from model.collab import fold_in, fold_in_labelled
-from training.evaluate import _auc, uauc
+from sellarec.model.artifacts import load_bundle
+from sellarec.model.collab import fold_in, fold_in_labelled
+from sellarec.training.evaluate import _auc, uauc
 
 #: The grids searched on the tuning users (model.collab's defaults came from them).
 RIDGE_REGS = (1.0, 10.0, 100.0, 1000.0)

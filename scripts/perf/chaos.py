@@ -46,7 +46,7 @@ def tiny_bundle(root: Path, layers: int, hidden: int) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     import factories  # noqa: PLC0415 - the tests' factories, only for --tiny
 
-    from model.backbone import random_backbone  # noqa: PLC0415
+    from sellarec.model.backbone import random_backbone  # noqa: PLC0415
 
     backbone = root / "backbone"
     random_backbone(factories.tiny_qwen2_config(layers=layers, hidden=hidden), seed=0).save_pretrained(
@@ -72,9 +72,9 @@ def start_redis(port: int) -> subprocess.Popen:
 
 
 async def load_bundle_into(url: str, prefix: str, bundle: Path) -> None:
-    from model.artifacts import load_bundle  # noqa: PLC0415
-    from service.redis_store import connect  # noqa: PLC0415
-    from service.store_admin import StoreAdmin  # noqa: PLC0415
+    from sellarec.model.artifacts import load_bundle  # noqa: PLC0415
+    from sellarec.service.store.admin import StoreAdmin  # noqa: PLC0415
+    from sellarec.service.store.redis_store import connect  # noqa: PLC0415
 
     client = connect(url, timeout_s=10)
     try:
@@ -107,7 +107,7 @@ async def run(args: argparse.Namespace, bundle: Path, work: Path) -> None:
         env = {**os.environ, "SELLAREC_REDIS_PREFIX": prefix, "PYTHONPATH": str(ROOT)}
         log = (work / "server.log").open("w")
         server = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "--artifacts", str(bundle), "--redis-url", url,
+            [sys.executable, "-m", "sellarec.service.cli", "--artifacts", str(bundle), "--redis-url", url,
              "--port", str(port), "--log-level", "warning"],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip

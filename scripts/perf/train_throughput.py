@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from model.prompts import Slot, TemplateSpec
-from training.batches import CollabInputs
-from training.config import Stage1Config, Stage3Config
-from training.data import Dataset, sample
-from training.evaluate import score_llm
-from training.stage1 import train_stage1
-from training.stage3 import SoftInputTables, build_scorer, train_stage3
+from sellarec.model.prompts import Slot, TemplateSpec
+from sellarec.training.batches import CollabInputs
+from sellarec.training.config import Stage1Config, Stage3Config
+from sellarec.training.data import Dataset, sample
+from sellarec.training.evaluate import score_llm
+from sellarec.training.stage1 import train_stage1
+from sellarec.training.stage3 import SoftInputTables, build_scorer, train_stage3
 
 BACKBONE = "smollm2-135m-instruct"
 

@@ -27,10 +27,10 @@ def main() -> None:
     import torch
     from vllm import LLM, SamplingParams
 
-    from model.backbone import SMOLLM2_ALIAS, fetch_smollm2, load_backbone
-    from model.prompts import TemplateSpec, scoring_prompt
-    from model.sella import SellaRec
-    from model.soft_tokens import slot_positions
+    from sellarec.model.backbone import SMOLLM2_ALIAS, fetch_smollm2, load_backbone
+    from sellarec.model.prompts import TemplateSpec, scoring_prompt
+    from sellarec.model.sella import SellaRec
+    from sellarec.model.soft_tokens import slot_positions
 
     torch.manual_seed(0)
     model, tokenizer, _ = load_backbone(SMOLLM2_ALIAS)

@@ -28,11 +28,11 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from model.backbone import SMOLLM2_ALIAS, fetch_smollm2, load_backbone
-    from model.lora import LoraSettings, attach_lora, merge
-    from model.prompts import TemplateSpec, scoring_prompt
-    from model.sella import SellaRec
-    from model.soft_tokens import slot_positions
+    from sellarec.model.backbone import SMOLLM2_ALIAS, fetch_smollm2, load_backbone
+    from sellarec.model.lora import LoraSettings, attach_lora, merge
+    from sellarec.model.prompts import TemplateSpec, scoring_prompt
+    from sellarec.model.sella import SellaRec
+    from sellarec.model.soft_tokens import slot_positions
 
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="sellarec-lora-"))

@@ -5,7 +5,7 @@
 
 `SELLAREC_BACKEND=vllm` alone would stop the engine whenever the last app that holds it
 shuts down, and these suites start dozens of apps; this plugin swaps
-`service.app.make_backend` for one that returns the session's shared vLLM backend with an
+`sellarec.service.api.app.make_backend` for one that returns the session's shared vLLM backend with an
 extra holder, so every app a test starts scores through vLLM and the engine starts once
 (the same function the setting uses, `shared_vllm_backend`). It also gives
 the tests' tiny Qwen2 two heads of 32 instead of four of 16 (same width d_L = 64): vLLM's
@@ -42,8 +42,8 @@ factories.tiny_qwen2_config = _tiny_config_for_vllm
 
 @pytest.fixture(autouse=True)
 def _serve_on_vllm(monkeypatch):
-    import service.app
-    from service.vllm_backend import VllmUnavailable, shared_vllm_backend
+    from sellarec.service.api import app as api_app
+    from sellarec.service.backends.vllm_backend import VllmUnavailable, shared_vllm_backend
 
     def make_backend(settings, loaded):
         try:
@@ -52,13 +52,13 @@ def _serve_on_vllm(monkeypatch):
         except VllmUnavailable as err:
             pytest.fail(str(err))
 
-    monkeypatch.setattr(service.app, "make_backend", make_backend)
+    monkeypatch.setattr(api_app, "make_backend", make_backend)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _stop_engines():
     yield
-    from service.vllm_backend import close_shared_backends
+    from sellarec.service.backends.vllm_backend import close_shared_backends
 
     close_shared_backends()
 

@@ -14,9 +14,9 @@ import time
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.auth import bearer_matches
-from service.metrics import Metrics
-from service.schemas import ErrorBody, ErrorResponse
+from sellarec.service.api.auth import bearer_matches
+from sellarec.service.api.schemas import ErrorBody, ErrorResponse
+from sellarec.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from model.artifacts import ArtifactError, load_bundle
-from service.redact import redact
-from service.redis_store import STORE_ERRORS, connect
-from service.store_admin import LoadRefused, StoreAdmin
+from sellarec.model.artifacts import ArtifactError, load_bundle
+from sellarec.service.redact import redact
+from sellarec.service.store.admin import LoadRefused, StoreAdmin
+from sellarec.service.store.redis_store import STORE_ERRORS, connect
 
 T = TypeVar("T")
 

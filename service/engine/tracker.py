@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from service.errors import StoreUnavailable
-from service.metrics import Metrics
-from service.projections import Projections
-from service.store import Store
-from service.versions import ModelInfo, VersionMeta
+from sellarec.service.backends.projections import Projections
+from sellarec.service.errors import StoreUnavailable
+from sellarec.service.metrics import Metrics
+from sellarec.service.store.base import Store
+from sellarec.service.store.versions import ModelInfo, VersionMeta
 
 log = logging.getLogger(__name__)
 

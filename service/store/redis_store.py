@@ -38,9 +38,17 @@ from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from service.errors import StoreUnavailable
-from service.store import ItemRecord, LabelledEvent, LikedItem, Lookup, Store, UserRecord, title_key
-from service.versions import VersionMeta
+from sellarec.service.errors import StoreUnavailable
+from sellarec.service.store.base import (
+    ItemRecord,
+    LabelledEvent,
+    LikedItem,
+    Lookup,
+    Store,
+    UserRecord,
+    title_key,
+)
+from sellarec.service.store.versions import VersionMeta
 
 T = TypeVar("T")
 

@@ -23,20 +23,20 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
-from model.loader import LoadedModel, load_scorer
-from service.backend import Backend, TorchBackend
-from service.batcher import Batcher
-from service.engine import Engine
-from service.errors import ServiceError, StoreUnavailable
-from service.jobs import Job, JobResult, run_jobs
-from service.metrics import Metrics
-from service.middleware import Guard
-from service.redis_store import RedisStore
-from service.routes import authorize, authorize_metrics, router
-from service.settings import Settings
-from service.store import InMemoryStore, Store
-from service.tracker import VersionTracker
-from service.versions import ModelInfo, version_id
+from sellarec.model.loader import LoadedModel, load_scorer
+from sellarec.service.api.middleware import Guard
+from sellarec.service.api.routes import authorize, authorize_metrics, router
+from sellarec.service.backends.torch_backend import Backend, TorchBackend
+from sellarec.service.engine.batcher import Batcher
+from sellarec.service.engine.engine import Engine
+from sellarec.service.engine.jobs import Job, JobResult, run_jobs
+from sellarec.service.engine.tracker import VersionTracker
+from sellarec.service.errors import ServiceError, StoreUnavailable
+from sellarec.service.metrics import Metrics
+from sellarec.service.settings import Settings
+from sellarec.service.store.base import InMemoryStore, Store
+from sellarec.service.store.redis_store import RedisStore
+from sellarec.service.store.versions import ModelInfo, version_id
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def make_store(settings: Settings, loaded: LoadedModel) -> Store:
 def make_backend(settings: Settings, loaded: LoadedModel) -> Backend:
     if settings.backend == "vllm":
         # Imported here: the default install and --backend torch never import vLLM.
-        from service.vllm_backend import shared_vllm_backend
+        from sellarec.service.backends.vllm_backend import shared_vllm_backend
 
         return shared_vllm_backend(loaded, max_batch_tokens=settings.max_batch_tokens)
     return TorchBackend(loaded.scorer, settings.max_batch_tokens)

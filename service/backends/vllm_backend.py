@@ -37,12 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.backbone import cache_dir, resolve
-from model.encoding import Encoded
-from model.loader import LoadedModel
-from model.sella import SellaRec
-from model.soft_tokens import slot_positions, splice
-from service.backend import Backend, TorchBackend
+from sellarec.model.backbone import cache_dir, resolve
+from sellarec.model.encoding import Encoded
+from sellarec.model.loader import LoadedModel
+from sellarec.model.sella import SellaRec
+from sellarec.model.soft_tokens import slot_positions, splice
+from sellarec.service.backends.torch_backend import Backend, TorchBackend
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from model.encoding import Encoded
-from model.sella import SellaRec
+from sellarec.model.encoding import Encoded
+from sellarec.model.sella import SellaRec
 
 
 class Backend(ABC):

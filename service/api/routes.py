@@ -13,11 +13,8 @@ from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.auth import bearer_matches
-from service.engine import Engine, ItemInput, Outcome
-from service.errors import ClientClosed, Unauthorized
-from service.events import EventInput, EventRecorder
-from service.schemas import (
+from sellarec.service.api.auth import bearer_matches
+from sellarec.service.api.schemas import (
     ErrorResponse,
     Event,
     EventBatch,
@@ -31,6 +28,9 @@ from service.schemas import (
     ScoreRequest,
     ScoreResponse,
 )
+from sellarec.service.engine.engine import Engine, ItemInput, Outcome
+from sellarec.service.engine.events import EventInput, EventRecorder
+from sellarec.service.errors import ClientClosed, Unauthorized
 
 _bearer = HTTPBearer(auto_error=False, description="`SELLAREC_API_TOKEN`, when the server sets one.")
 

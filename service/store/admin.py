@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 import redis.asyncio as redis
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from model.artifacts import Bundle
-from service.redis_store import ITEM_FIELDS, TRANSIENT, USER_FIELDS, Keys, RedisStore
-from service.store import ItemRecord, UserRecord, bundle_records
+from sellarec.model.artifacts import Bundle
+from sellarec.service.store.base import ItemRecord, UserRecord, bundle_records
+from sellarec.service.store.redis_store import ITEM_FIELDS, TRANSIENT, USER_FIELDS, Keys, RedisStore
 
 T = TypeVar("T")
 

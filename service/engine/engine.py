@@ -39,13 +39,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.collab import fold_in, fold_in_labelled
-from model.encoding import PromptEncoder
-from model.prompts import ALL_SLOTS, TemplateSpec, distillation_prompt, item_prompt, user_prompt
-from service.admission import Work
-from service.backend import Backend
-from service.batcher import Batcher
-from service.errors import (
+from sellarec.model.collab import fold_in, fold_in_labelled
+from sellarec.model.encoding import PromptEncoder
+from sellarec.model.prompts import ALL_SLOTS, TemplateSpec, distillation_prompt, item_prompt, user_prompt
+from sellarec.service.backends.torch_backend import Backend
+from sellarec.service.engine.admission import Work
+from sellarec.service.engine.batcher import Batcher
+from sellarec.service.engine.jobs import Job, JobResult
+from sellarec.service.engine.tracker import ServedVersion, VersionTracker
+from sellarec.service.errors import (
     DeadlineExceeded,
     NotReady,
     PromptTooLong,
@@ -53,10 +55,8 @@ from service.errors import (
     TooLarge,
     UnknownItems,
 )
-from service.jobs import Job, JobResult
-from service.metrics import Metrics
-from service.store import Lookup, Store, fold_key
-from service.tracker import ServedVersion, VersionTracker
+from sellarec.service.metrics import Metrics
+from sellarec.service.store.base import Lookup, Store, fold_key
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ while the batch stays within `max_batch_tokens` (and `max_batch_requests`, when 
 waiting at most `batch_wait_s` for more,
 and runs the batch on the single model thread (so the event loop stays free).
 
-Admission is by time, not count: each batch teaches a cost model (service/admission.py)
+Admission is by time, not count: each batch teaches a cost model (service/engine/admission.py)
 how long its work took, and a request whose predicted wait (the work queued ahead of it,
 plus what remains of the running batch) exceeds `max_wait_s` (or the caller's own
 deadline) is refused at once with 429 and a Retry-After of when that wait will have
@@ -28,9 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from service.admission import NO_WORK, CostModel, Work
-from service.errors import QueueFull, ShuttingDown
-from service.metrics import Metrics
+from sellarec.service.engine.admission import NO_WORK, CostModel, Work
+from sellarec.service.errors import QueueFull, ShuttingDown
+from sellarec.service.metrics import Metrics
 
 P = TypeVar("P")
 R = TypeVar("R")

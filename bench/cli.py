@@ -33,13 +33,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from model.backbone import SMOLLM2_ALIAS, load_backbone, load_tokenizer, random_backbone, resolve
-from model.prompts import TemplateSpec, item_prompt, scoring_prompt, user_prompt
-from model.sella import SellaRec
-from service.backend import TorchBackend
+from sellarec.model.backbone import SMOLLM2_ALIAS, load_backbone, load_tokenizer, random_backbone, resolve
+from sellarec.model.prompts import TemplateSpec, item_prompt, scoring_prompt, user_prompt
+from sellarec.model.sella import SellaRec
+from sellarec.service.backends.torch_backend import TorchBackend
 
 if TYPE_CHECKING:  # vLLM is optional: imported only when --vllm asks for it
-    from service.vllm_backend import VllmBackend
+    from sellarec.service.backends.vllm_backend import VllmBackend
 
 #: Architecture sizes of the paper's family, for random-weight speed runs.
 ARCHES: dict[str, dict[str, int]] = {
@@ -213,7 +213,7 @@ def build_scorer(arch: str, device: str, dtype: torch.dtype) -> SellaRec:
 
 def vllm_peer(scorer: SellaRec, arch: str, max_batch_tokens: int, work: Path) -> VllmBackend:
     """vLLM on the scorer's own backbone (its directory, or the random weights saved to `work`)."""
-    from service.vllm_backend import VllmBackend, VllmOptions
+    from sellarec.service.backends.vllm_backend import VllmBackend, VllmOptions
 
     if arch == "smollm2":
         model_dir = Path(resolve(SMOLLM2_ALIAS))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from model.collab import CollabProjector, SemanticProjector
-from model.prompts import ALL_SLOTS
+from sellarec.model.collab import CollabProjector, SemanticProjector
+from sellarec.model.prompts import ALL_SLOTS
 
 
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 Every read names a version: a request snapshots the active version once and does all
 its lookups under it, so a version switch never mixes two versions inside one request.
-`RedisStore` (service/redis_store.py) is the production store; `InMemoryStore` is the
+`RedisStore` (service/store/redis_store.py) is the production store; `InMemoryStore` is the
 embedded default, built from the artifact bundle the server loads.
 """
 
@@ -18,9 +18,9 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from model import collab
-from model.artifacts import Bundle
-from service.versions import VersionMeta, meta_from_bundle
+from sellarec.model import collab
+from sellarec.model.artifacts import Bundle
+from sellarec.service.store.versions import VersionMeta, meta_from_bundle
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.encoding import Encoded
-from service.backend import Backend
-from service.projections import Projections
+from sellarec.model.encoding import Encoded
+from sellarec.service.backends.projections import Projections
+from sellarec.service.backends.torch_backend import Backend
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from model.artifacts import Bundle, Manifest
+from sellarec.model.artifacts import Bundle, Manifest
 
 #: Manifest checksum that identifies the LoRA weights (the adapter is merged into the model).
 _ADAPTER_WEIGHTS = "adapter/adapter_model.safetensors"

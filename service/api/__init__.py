@@ -1,0 +1,1 @@
+"""The HTTP API: wire types, routes, the outer guard and the app; nothing below it knows HTTP."""

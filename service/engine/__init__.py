@@ -1,0 +1,1 @@
+"""From a validated request to scores: resolution, admission, queue, batches, served version."""
