@@ -1,13 +1,13 @@
 """Engine benchmark: the straightforward path, our engine and the roofline, in one run.
 
-    sellarec-bench --candidates 1,20,100 --out docs/bench-cpu.json
+    sellarec-bench --candidates 1,20,100 --out runs/bench-cpu.json
 
 - naive: each (user, candidate) pair's full prompt through the Hugging Face causal LM,
   padded batches, the full-vocabulary logits, softmax over Yes/No;
 - engine: the service's torch backend (one prefix per request, keys/values shared by all
   candidates, only the two answer rows of the head);
 - vllm (`--vllm`): the peer, vLLM's engine on the same model and the same spliced prompt
-  embeddings (`service.vllm_backend`: prompt_embeds, prefix caching, the two answer
+  embeddings (`service/backends/vllm_backend.py`: prompt_embeds, prefix caching, the two answer
   log-probabilities), its prefix cache emptied before every timed request;
 - roofline: the machine's measured matmul FLOP/s divided by the FLOPs one candidate needs
   when the prefix is shared (its suffix tokens through every linear layer, their attention
@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sellarec.model.backbone import SMOLLM2_ALIAS, load_backbone, load_tokenizer, random_backbone, resolve
+from sellarec.model.encoding import pad
 from sellarec.model.prompts import TemplateSpec, item_prompt, scoring_prompt, user_prompt
 from sellarec.model.sella import SellaRec
 from sellarec.service.backends.torch_backend import TorchBackend
@@ -180,12 +181,7 @@ def naive_scores(scorer: SellaRec, history: list[str], cands: list[str], batch: 
                 scorer.encoder.prompt(scoring_prompt(scorer.spec, history, t))
                 for t in cands[start : start + batch]
             ]
-            width = max(len(e) for e in encoded)
-            ids = torch.full((len(encoded), width), scorer.encoder.pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, e in enumerate(encoded):
-                ids[row, : len(e)] = torch.tensor(e.ids)
-                mask[row, : len(e)] = 1
+            ids, mask, _ = pad(encoded, scorer.encoder.pad_id)
             ids, mask = ids.to(scorer.device), mask.to(scorer.device)
             embeds = model.get_input_embeddings()(ids)
             for row, e in enumerate(encoded):  # the soft tokens, spliced as the paper does

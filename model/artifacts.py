@@ -2,9 +2,8 @@
 
     DIR/manifest.json          format version, backbone, dims, template, answer ids,
                                variant, dataset, metrics, sha256 of every other file
-    DIR/tensors.safetensors    mf.users [U, d_C], mf.items [I, d_C], semantic.items [I, d_L],
-                               neutral.user / neutral.item [d_C], neutral.semantic [d_L],
-                               proj_c.* and proj_w.* (the projection state dicts)
+    DIR/tensors.safetensors    the tables and projections its prompt uses (model/bundle.py:
+                               mf.*, semantic.items, neutral.*, proj_c.*, proj_w.*)
     DIR/catalog.json           external user/item ids in row order, item titles,
                                each user's recent liked items (oldest first)
     DIR/adapter/               the PEFT LoRA in its standard layout (optional)
@@ -15,6 +14,10 @@ Integrity: the manifest's `checksums` must name every file of the directory (its
 excepted), the tensors and the catalog always. A missing, extra or unlisted file, or one
 whose sha256 differs, refuses the whole bundle (`verify_bundle`), so that an edit cannot
 slip through by also deleting its checksum entry.
+
+Round trip: `save_bundle` writes and `load_bundle` reads, both refusing tensors that do not
+back the manifest's prompt (`model.bundle.tensor_problems`). Whether a bundle can be served,
+and by which model: model/compat.py.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from pydantic import BaseModel, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
 from sellarec.model.backbone import BackboneInfo
+from sellarec.model.bundle import Tables, load_projections, tensor_problems
+from sellarec.model.collab import Projections
 from sellarec.model.prompts import TEMPLATE_ID, Slot, TemplateSpec
 
 FORMAT_VERSION = 1
@@ -40,6 +45,8 @@ MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 CATALOG = "catalog.json"
 ADAPTER = "adapter"
+#: The LoRA weights inside the adapter directory (their checksum identifies the adapter).
+ADAPTER_WEIGHTS = f"{ADAPTER}/adapter_model.safetensors"
 
 
 class ArtifactError(ValueError):
@@ -108,6 +115,16 @@ class Manifest(BaseModel):
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     checksums: dict[str, str] = Field(default_factory=dict)
 
+    @property
+    def has_llm(self) -> bool:
+        """An LLM scores this bundle (False: an MF bundle, scored by the dot product)."""
+        return self.backbone is not None and self.template is not None
+
+    @property
+    def slots(self) -> tuple[Slot, ...]:
+        """The soft-token slots of its prompt (none without an LLM)."""
+        return tuple(Slot(s) for s in self.template.slots) if self.template else ()
+
 
 @dataclass
 class Catalog:
@@ -131,19 +148,30 @@ class Catalog:
 
 @dataclass
 class Bundle:
+    """A loaded, checked bundle."""
+
+    #: Its directory.
     path: Path
+    #: manifest.json.
     manifest: Manifest
+    #: tensors.safetensors as stored (names: model/bundle.py); read them through the views below.
     tensors: dict[str, torch.Tensor]
+    #: catalog.json.
     catalog: Catalog
 
     @property
     def adapter_dir(self) -> Path | None:
         return self.path / ADAPTER if self.manifest.has_adapter else None
 
-    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
-        """The tensors under `prefix.` with the prefix removed (e.g. proj_c)."""
-        cut = len(prefix) + 1
-        return {k[cut:]: v for k, v in self.tensors.items() if k.startswith(prefix + ".")}
+    def tables(self) -> Tables:
+        """The embedding tables by role (None where the variant has none)."""
+        return Tables.of(self.tensors)
+
+    def projections(self, device: torch.device | str = "cpu") -> Projections:
+        """The trained projections, frozen on `device` (None where the prompt has no slot)."""
+        backbone = self.manifest.backbone
+        llm_dim = self.manifest.llm_dim or (backbone.hidden_size if backbone else 0)
+        return load_projections(self.tensors, llm_dim, device)
 
 
 def sha256_file(path: Path) -> str:
@@ -167,8 +195,17 @@ def save_bundle(
     catalog: Catalog,
     adapter: Any | None = None,
 ) -> Path:
-    """Write a bundle atomically (to a sibling temp dir, then renamed into place)."""
+    """Write a bundle atomically (to a sibling temp dir, then renamed into place).
+
+    Refused before anything is written: tensors that do not back the manifest's prompt or
+    dimensions (the bundle could not be loaded back).
+    """
     path = Path(path)
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    if problems := tensor_problems(
+        shapes, manifest.slots, manifest.n_users, manifest.n_items, manifest.collab_dim, manifest.llm_dim
+    ):
+        raise ArtifactError(f"{path}: not written, the bundle would be incomplete: {'; '.join(problems)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -279,26 +316,20 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     except Exception as err:  # safetensors raises its own SafetensorError on a damaged header
         raise ArtifactError(f"{path}: cannot read {TENSORS} ({type(err).__name__}: {err})") from err
     bundle = Bundle(path=path, manifest=manifest, tensors=tensors, catalog=catalog)
-    _check_shapes(bundle)
+    check_tensors(path, manifest, {k: tuple(v.shape) for k, v in tensors.items()})
+    _check_catalog(bundle)
     return bundle
 
 
-def _check_shapes(bundle: Bundle) -> None:
+def check_tensors(path: Path, m: Manifest, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse tensors (by shape) that do not back the manifest's prompt and dimensions."""
+    problems = tensor_problems(shapes, m.slots, m.n_users, m.n_items, m.collab_dim, m.llm_dim)
+    if problems:
+        raise ArtifactError(f"{path}: {problems[0]}; the bundle is refused")
+
+
+def _check_catalog(bundle: Bundle) -> None:
     m = bundle.manifest
-    expected = {
-        "mf.users": (m.n_users, m.collab_dim),
-        "mf.items": (m.n_items, m.collab_dim),
-        "semantic.items": (m.n_items, m.llm_dim),
-        "neutral.user": (m.collab_dim,),
-        "neutral.item": (m.collab_dim,),
-        "neutral.semantic": (m.llm_dim,),
-    }
-    for name, shape in expected.items():
-        tensor = bundle.tensors.get(name)
-        if tensor is not None and tuple(tensor.shape) != shape:
-            raise ArtifactError(
-                f"{bundle.path}: {name} has shape {tuple(tensor.shape)}, the manifest says {shape}"
-            )
     if len(bundle.catalog.users) != m.n_users or len(bundle.catalog.items) != m.n_items:
         raise ArtifactError(
             f"{bundle.path}: catalog has {len(bundle.catalog.users)} users / "
@@ -306,22 +337,3 @@ def _check_shapes(bundle: Bundle) -> None:
         )
     if len(bundle.catalog.titles) != m.n_items:
         raise ArtifactError(f"{bundle.path}: {len(bundle.catalog.titles)} titles for {m.n_items} items")
-
-
-def check_compatible(manifest: Manifest, backbone: BackboneInfo, answer_ids: tuple[int, int]) -> None:
-    """Refuse a bundle whose backbone, dimensions or answer tokens differ from the model's."""
-    if manifest.backbone is None:
-        raise ArtifactError(f"variant {manifest.variant!r} has no LLM; it cannot be served by the LLM engine")
-    problems = []
-    if manifest.backbone.fingerprint != backbone.fingerprint:
-        problems.append(
-            f"backbone: artifact trained on {manifest.backbone.spec!r} "
-            f"(fingerprint {manifest.backbone.fingerprint[:12]}), model is {backbone.spec!r} "
-            f"(fingerprint {backbone.fingerprint[:12]})"
-        )
-    if manifest.llm_dim != backbone.hidden_size:
-        problems.append(f"d_L: artifact {manifest.llm_dim}, model {backbone.hidden_size}")
-    if manifest.answer_token_ids and tuple(manifest.answer_token_ids.values()) != answer_ids:
-        problems.append(f"Yes/No token ids: artifact {manifest.answer_token_ids}, tokenizer {answer_ids}")
-    if problems:
-        raise ArtifactError("artifact does not match the model: " + "; ".join(problems))

@@ -163,16 +163,6 @@ def load_backbone(
     return model, tokenizer, info
 
 
-def backbone_from_model(spec: str, model: PreTrainedModel, path: str | None = None) -> BackboneInfo:
-    """BackboneInfo for a model built in memory (tests, random-weight benchmarks)."""
-    return BackboneInfo(
-        spec=spec,
-        fingerprint=fingerprint(path) if path else hashlib.sha256(spec.encode()).hexdigest(),
-        hidden_size=int(model.config.get_text_config().hidden_size),
-        model_type=str(model.config.model_type),
-    )
-
-
 def random_backbone(
     config: PretrainedConfig,
     seed: int = 0,

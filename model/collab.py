@@ -1,10 +1,15 @@
-"""Collaborative side: MF embeddings, the two projections and the alignment loss."""
+"""Collaborative side: MF embeddings, the two projections, the soft tokens they make, the alignment
+loss and the fold-in of users the MF never saw."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sellarec.model.prompts import ALL_SLOTS
 
 #: Collaborative dimension d_C (paper default).
 DEFAULT_COLLAB_DIM = 256
@@ -100,6 +105,83 @@ class SemanticProjector(_Projector):
         return proj
 
 
+def soft_vectors(
+    proj_c: CollabProjector | None,
+    proj_w: SemanticProjector | None,
+    llm_dim: int,
+    user_collab: torch.Tensor | None,
+    item_collab: torch.Tensor | None,
+    item_semantic: torch.Tensor | None,
+    n: int,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """[n, 3, d_L] soft tokens in slot order (user, item, warm): Proj C->L of the user's and the
+    item's MF vectors (Eq. 6) and Proj W->L of the item's semantics; zeros where an input or its
+    projection is absent (a slot the prompt does not carry is never read).
+
+    Out of place (stacked, not written into the zeros), so stage 3 trains through it.
+    """
+    zeros = torch.zeros(n, len(ALL_SLOTS), llm_dim, device=device)
+    parts = [(user_collab, proj_c), (item_collab, proj_c), (item_semantic, proj_w)]
+    columns = {
+        k: proj(x.to(device, torch.float32))
+        for k, (x, proj) in enumerate(parts)
+        if x is not None and proj is not None
+    }
+    if not columns:
+        return zeros
+    return torch.stack([columns.get(k, zeros[:, k]) for k in range(len(ALL_SLOTS))], dim=1)
+
+
+@dataclass
+class Projections:
+    """Proj C->L and Proj W->L of one trained model; a projection its prompt has no slot for is None.
+
+    The scorer holds the pair it was loaded (or trained) with; a server that switches store
+    versions holds one pair per version, each built from that version's weights
+    (`model.bundle.load_projections`).
+    """
+
+    #: d_L, the width of the soft tokens.
+    llm_dim: int
+    #: Proj C->L (for <User_ID> and <Item_ID>), or None.
+    proj_c: CollabProjector | None = None
+    #: Proj W->L (for <Warm_ID>), or None.
+    proj_w: SemanticProjector | None = None
+    #: Where the projections run and the soft tokens are made.
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def uses_collab(self) -> bool:
+        """The MF vectors reach the prompt (through Proj C->L)."""
+        return self.proj_c is not None
+
+    @property
+    def uses_semantic(self) -> bool:
+        """The items' semantic vectors reach the prompt (through Proj W->L)."""
+        return self.proj_w is not None
+
+    def frozen(self, device: torch.device | str) -> Projections:
+        """These projections on `device`, in eval mode, without gradients (for serving)."""
+        for proj in (self.proj_c, self.proj_w):
+            if proj is not None:
+                proj.to(device).eval().requires_grad_(False)
+        self.device = torch.device(device)
+        return self
+
+    def soft_vectors(
+        self,
+        user_collab: torch.Tensor | None,
+        item_collab: torch.Tensor | None,
+        item_semantic: torch.Tensor | None,
+        n: int,
+    ) -> torch.Tensor:
+        """[n, 3, d_L] soft tokens (see `soft_vectors`)."""
+        return soft_vectors(
+            self.proj_c, self.proj_w, self.llm_dim, user_collab, item_collab, item_semantic, n, self.device
+        )
+
+
 def vocabulary_norm(embeddings: torch.Tensor) -> float:
     """Median L2 norm of a backbone's input token embeddings: the scale soft tokens are put at."""
     return float(embeddings.detach().float().norm(dim=-1).median())
@@ -141,9 +223,12 @@ def fold_in(
           = (V^T V + reg I)^-1 (target V^T 1 + reg prior)
 
     `history_item_vectors` [n, d_C] (n >= 0), `prior` [d_C]; returns [d_C] float32. With no
-    history it is the prior itself, and the more items, the less the prior weighs.
+    history it is the prior itself, and the more items, the less the prior weighs. A model
+    without MF vectors (d_C = 0: no collaborative slot in its prompt) has nothing to fold in.
     """
     prior = torch.as_tensor(prior, dtype=torch.float64)
+    if prior.numel() == 0:
+        return prior.float()
     v = torch.as_tensor(history_item_vectors, dtype=torch.float64).reshape(-1, prior.numel())
     if len(v) == 0:
         return prior.float()
@@ -183,11 +268,14 @@ def fold_in_labelled(
     `item_vectors` [n, d_C], `labels` [n] (0/1; repeated items count as often as they come),
     `prior` [d_C]; returns [d_C] float32, computed in float64 on the CPU, deterministic. With
     no interactions it is the prior itself. Stops after `steps` Newton steps or once the
-    largest gradient entry is below `tol` (1 + the largest |x_i|) scaled.
+    largest gradient entry is below `tol` (1 + the largest |x_i|) scaled. Without MF vectors
+    (d_C = 0) it is the empty prior.
     """
     if reg <= 0:
         raise ValueError(f"reg must be positive, got {reg}")
     prior = torch.as_tensor(prior, dtype=torch.float64).cpu().reshape(-1)
+    if prior.numel() == 0:
+        return prior.float()
     v = torch.as_tensor(item_vectors, dtype=torch.float64).cpu().reshape(-1, prior.numel())
     y = torch.as_tensor(labels, dtype=torch.float64).cpu().reshape(-1)
     if len(v) != len(y):

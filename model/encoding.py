@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
+import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from sellarec.model.prompts import Prompt, Segment, Slot
@@ -32,6 +34,32 @@ class Encoded:
     def __add__(self, other: Encoded) -> Encoded:
         shift = len(self.ids)
         return Encoded(self.ids + other.ids, self.slots + tuple((s, p + shift) for s, p in other.slots))
+
+
+#: Which end of a padded row the padding goes to.
+Side = Literal["right", "left"]
+
+
+def pad(
+    encoded: Sequence[Encoded], pad_id: int, side: Side = "right"
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """One batch of `encoded` pieces: (ids [B, T], attention mask [B, T], shift per row).
+
+    Right padding (whole prompts, suffixes) keeps every row at position 0, so reading the
+    last real token is `mask.sum(1) - 1`; left padding (prefixes) lines up their ends, so
+    a cache of them can be continued at one width. `shifts[b]` is how far row b's tokens
+    (and slot positions) moved right: 0 on the right, the row's padding on the left.
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', not {side!r}")
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    shifts = [width - len(e) if side == "left" else 0 for e in encoded]
+    for row, (e, shift) in enumerate(zip(encoded, shifts, strict=True)):
+        ids[row, shift : shift + len(e)] = torch.tensor(e.ids)
+        mask[row, shift : shift + len(e)] = 1
+    return ids, mask, shifts
 
 
 class PromptEncoder:

@@ -6,6 +6,8 @@ Two ways to score, which agree to float precision (tested):
   are shared by all of its candidates, and only the short suffixes run per candidate.
   The service uses it per request; training uses it to keep the text before `<User_ID>`
   (no trainable input) out of the autograd graph.
+- `extend_prefixes` grows a prefix state by more tokens, so a head common to every prompt
+  (the instruction) can run once and each user's prefix only its remainder.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from sellarec.model import prefix_attention
-from sellarec.model.collab import CollabProjector, SemanticProjector
-from sellarec.model.encoding import Encoded, PromptEncoder
-from sellarec.model.prompts import ALL_SLOTS, Slot, TemplateSpec, distillation_prompt
+from sellarec.model.collab import CollabProjector, SemanticProjector, soft_vectors
+from sellarec.model.encoding import Encoded, PromptEncoder, Side, pad
+from sellarec.model.prompts import Slot, TemplateSpec, distillation_prompt
 from sellarec.model.scoring import YesNoHead
 from sellarec.model.soft_tokens import slot_positions, splice
 
@@ -39,10 +41,15 @@ class PrefixState:
     lengths: torch.Tensor
 
 
-def decoder_of(backbone: PreTrainedModel | PeftModel) -> nn.Module:
-    """The transformer body (final norm included, no LM head), LoRA layers in place."""
-    model = backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
-    return model.get_decoder()
+def _at_last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, d] rows of right-padded `hidden` [B, T, d] at each row's last real token."""
+    return hidden[torch.arange(len(mask), device=hidden.device), mask.sum(1) - 1]
+
+
+def _positions_after(state: PrefixState, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[N, T] position ids of a right-padded continuation [N, T] of prefix `rows[n]`."""
+    base = state.lengths.index_select(0, rows)
+    return base[:, None] + torch.arange(mask.shape[1], device=base.device)
 
 
 class SellaRec(nn.Module):
@@ -62,8 +69,8 @@ class SellaRec(nn.Module):
         self.tokenizer = tokenizer
         self.spec = spec
         self.encoder = PromptEncoder(tokenizer)
-        self.head = YesNoHead.for_model(self._causal_lm(), tokenizer, spec.answer_cue)
-        self.llm_dim = int(self._causal_lm().config.get_text_config().hidden_size)
+        self.head = YesNoHead.for_model(self.causal_lm, tokenizer, spec.answer_cue)
+        self.llm_dim = int(self.causal_lm.config.get_text_config().hidden_size)
         if proj_c is None and collab_dim is not None:
             proj_c = CollabProjector(collab_dim, self.llm_dim)
         if proj_w is None and Slot.WARM in spec.slots:
@@ -73,13 +80,16 @@ class SellaRec(nn.Module):
         #: Attend to one stored prefix from many suffixes without copying its keys/values.
         self.share_prefix_attention = True
 
-    def _causal_lm(self) -> PreTrainedModel:
+    @property
+    def causal_lm(self) -> PreTrainedModel:
+        """The backbone without its PEFT wrapper (LoRA layers in place): its config and LM head."""
         b = self.backbone
         return b.get_base_model() if isinstance(b, PeftModel) else b
 
     @property
     def decoder(self) -> nn.Module:
-        return decoder_of(self.backbone)
+        """The transformer body (final norm included, no LM head), LoRA layers in place."""
+        return self.causal_lm.get_decoder()
 
     @property
     def device(self) -> torch.device:
@@ -99,40 +109,42 @@ class SellaRec(nn.Module):
         n: int,
     ) -> torch.Tensor:
         """[n, 3, d_L] projected (user, item, warm) vectors; zeros for absent inputs."""
-        out = torch.zeros(n, len(ALL_SLOTS), self.llm_dim, device=self.device)
-        parts = [(user_collab, self.proj_c), (item_collab, self.proj_c), (item_semantic, self.proj_w)]
-        columns = []
-        for k, (x, proj) in enumerate(parts):
-            if x is not None and proj is not None:
-                columns.append((k, proj(x.to(self.device, torch.float32))))
-        if not columns:
-            return out
-        return torch.stack([dict(columns).get(k, out[:, k]) for k in range(len(ALL_SLOTS))], dim=1)
+        return soft_vectors(
+            self.proj_c, self.proj_w, self.llm_dim, user_collab, item_collab, item_semantic, n, self.device
+        )
 
-    def _embed(
-        self, ids: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor | None
+    # --- inputs ---------------------------------------------------------------------
+
+    def embed(
+        self, ids: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor | None = None
     ) -> torch.Tensor:
+        """[B, T, d_L] input embeddings of `ids` [B, T] with the soft tokens `vectors`
+        [B, 3, d_L] written at the slot `positions` [B, 3] (Eq. 10).
+
+        Every forward of this model starts here, and a backend that is fed prompt embeddings
+        (vLLM) must build them exactly so.
+        """
         embeds = self.backbone.get_input_embeddings()(ids)
         if vectors is None:
             return embeds
         return splice(embeds, positions, vectors)
 
+    def _inputs(
+        self, encoded: Sequence[Encoded], vectors: torch.Tensor | None, side: Side = "right"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input embeddings, attention mask) of one padded batch on the model's device."""
+        ids, mask, shifts = pad(encoded, self.encoder.pad_id, side)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = slot_positions([e.slots for e in encoded], offset=shifts, device=self.device)
+        return self.embed(ids, positions, vectors), mask
+
     # --- the plain path -------------------------------------------------------------
 
     def last_hidden(self, encoded: Sequence[Encoded], vectors: torch.Tensor | None = None) -> torch.Tensor:
         """[B, d_L] final hidden state at each prompt's last token (right-padded batch)."""
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), self.encoder.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, e in enumerate(encoded):
-            ids[row, : len(e)] = torch.tensor(e.ids)
-            mask[row, : len(e)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = slot_positions([e.slots for e in encoded], device=self.device)
-        embeds = self._embed(ids, positions, vectors)
+        embeds, mask = self._inputs(encoded, vectors)
         hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-        last = mask.sum(1) - 1
-        return hidden[torch.arange(len(encoded), device=self.device), last]
+        return _at_last_token(hidden, mask)
 
     def score(self, encoded: Sequence[Encoded], vectors: torch.Tensor | None = None) -> torch.Tensor:
         """[B] logits of P(Yes) for whole prompts (`vectors`: [B, 3, d_L] or None)."""
@@ -142,20 +154,9 @@ class SellaRec(nn.Module):
 
     def run_prefixes(self, prefixes: Sequence[Encoded], vectors: torch.Tensor | None = None) -> PrefixState:
         """Run a batch of prefixes (left-padded) and keep their keys/values."""
-        width = max(len(p) for p in prefixes)
-        ids = torch.full((len(prefixes), width), self.encoder.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prefixes), width), dtype=torch.long)
-        shifts = []
-        for row, p in enumerate(prefixes):
-            shift = width - len(p)
-            ids[row, shift:] = torch.tensor(p.ids)
-            mask[row, shift:] = 1
-            shifts.append(shift)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = slot_positions([p.slots for p in prefixes], offset=shifts, device=self.device)
-        embeds = self._embed(ids, positions, vectors)
+        embeds, mask = self._inputs(prefixes, vectors, side="left")
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self._causal_lm().config)
+        cache = DynamicCache(config=self.causal_lm.config)
         self.decoder(
             inputs_embeds=embeds,
             attention_mask=mask,
@@ -166,6 +167,25 @@ class SellaRec(nn.Module):
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         return PrefixState(layers=layers, mask=mask, lengths=mask.sum(1))
 
+    def extend_prefixes(
+        self,
+        state: PrefixState,
+        rows: torch.Tensor,
+        pieces: Sequence[Encoded],
+        vectors: torch.Tensor | None = None,
+    ) -> PrefixState:
+        """Continue prefix `rows[n]` of `state` by `pieces[n]`; the new state has one row per piece.
+
+        The pieces are right-padded, which leaves holes inside the new mask; positions count
+        real tokens only, so the numbers are those of running each whole prefix (tested).
+        """
+        rows = rows.to(self.device)
+        embeds, mask = self._inputs(pieces, vectors)
+        _, cache, full_mask = self._continue_copied(state, rows, embeds, mask)
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        lengths = state.lengths.index_select(0, rows) + mask.sum(1)
+        return PrefixState(layers=layers, mask=full_mask, lengths=lengths)
+
     def suffix_hidden(
         self,
         state: PrefixState,
@@ -175,19 +195,8 @@ class SellaRec(nn.Module):
     ) -> torch.Tensor:
         """[N, d_L] last hidden state of each suffix continuing prefix `rows[n]`."""
         rows = rows.to(self.device)
-        width = max(len(s) for s in suffixes)
-        n = len(suffixes)
-        ids = torch.full((n, width), self.encoder.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for row, s in enumerate(suffixes):
-            ids[row, : len(s)] = torch.tensor(s.ids)
-            mask[row, : len(s)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = slot_positions([s.slots for s in suffixes], device=self.device)
-        embeds = self._embed(ids, positions, vectors)
-
-        position_ids = state.lengths.index_select(0, rows)[:, None] + torch.arange(width, device=self.device)
-        config = self._causal_lm().config
+        embeds, mask = self._inputs(suffixes, vectors)
+        config = self.causal_lm.config
         if self.share_prefix_attention and prefix_attention.supported(config):
             shared = prefix_attention.SharedPrefix(
                 layers=state.layers,
@@ -197,23 +206,30 @@ class SellaRec(nn.Module):
             )
             with prefix_attention.sharing(config, shared):
                 hidden = self.decoder(
-                    inputs_embeds=embeds, position_ids=position_ids, use_cache=False
+                    inputs_embeds=embeds, position_ids=_positions_after(state, rows, mask), use_cache=False
                 ).last_hidden_state
         else:  # replicate the prefix keys/values per candidate (any architecture)
-            cache = DynamicCache(
-                ddp_cache_data=[(k.index_select(0, rows), v.index_select(0, rows)) for k, v in state.layers],
-                config=config,
-            )
-            full_mask = torch.cat([state.mask.index_select(0, rows), mask], dim=1)
-            hidden = self.decoder(
-                inputs_embeds=embeds,
-                attention_mask=full_mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state
-        last = mask.sum(1) - 1
-        return hidden[torch.arange(n, device=self.device), last]
+            hidden, _, _ = self._continue_copied(state, rows, embeds, mask)
+        return _at_last_token(hidden, mask)
+
+    def _continue_copied(
+        self, state: PrefixState, rows: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """The decoder over `embeds` after prefix `rows[n]`, its keys/values copied per row:
+        (hidden states, the grown cache, the mask over prefix and continuation)."""
+        cache = DynamicCache(
+            ddp_cache_data=[(k.index_select(0, rows), v.index_select(0, rows)) for k, v in state.layers],
+            config=self.causal_lm.config,
+        )
+        full_mask = torch.cat([state.mask.index_select(0, rows), mask], dim=1)
+        hidden = self.decoder(
+            inputs_embeds=embeds,
+            attention_mask=full_mask,
+            position_ids=_positions_after(state, rows, mask),
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+        return hidden, cache, full_mask
 
     def score_suffixes(
         self,

@@ -19,7 +19,8 @@ import typer
 import uvicorn
 from pydantic import ValidationError
 
-from sellarec.model.artifacts import ArtifactError, verify_bundle
+from sellarec.model.artifacts import ArtifactError
+from sellarec.model.compat import check_servable
 from sellarec.service import redact
 from sellarec.service.api.app import create_app
 from sellarec.service.settings import Settings
@@ -61,10 +62,11 @@ def main(
         raise typer.BadParameter(_problems(err)) from err
     if settings.artifacts is None:
         raise typer.BadParameter("pass --artifacts DIR or set SELLAREC_ARTIFACTS", param_hint="--artifacts")
-    # Every file of the bundle is checked before the model loads: a bad bundle is one line
-    # and a non-zero exit, never a traceback after minutes of loading.
+    # Every file of the bundle, its tensors against its prompt, and that it has an LLM at all
+    # (an MF bundle has none) are checked before the model loads: a bundle that cannot be
+    # served is one line and a non-zero exit, never a traceback after minutes of loading.
     try:
-        verify_bundle(settings.artifacts)
+        check_servable(settings.artifacts)
     except ArtifactError as err:
         typer.secho(f"sellarec-serve: refusing the bundle: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from err

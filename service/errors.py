@@ -1,6 +1,6 @@
 """Errors the service answers with: each knows its HTTP status and its `type` in the envelope.
 
-Everything below the routes raises these; `app.py` turns them into
+Everything below the routes raises these; `service/api/app.py` turns them into
 `{"error": {"message", "type", "code"}}` with `code` = the HTTP status.
 """
 
@@ -18,13 +18,6 @@ class ServiceError(Exception):
         self.message = message
         self.items = items
         self.headers: dict[str, str] = {}
-
-
-class InvalidRequest(ServiceError):
-    """The request is well-formed JSON but asks for something the service cannot do."""
-
-    status = 422
-    type = "invalid_request"
 
 
 class UnknownItems(ServiceError):

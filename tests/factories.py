@@ -10,10 +10,24 @@ from transformers import Qwen2Config
 
 from sellarec.model.artifacts import Catalog, Manifest, TemplateRecord, backbone_record, save_bundle
 from sellarec.model.backbone import SMOLLM2_ALIAS, load_backbone, load_tokenizer, random_backbone
+from sellarec.model.bundle import (
+    MF_ITEMS,
+    MF_USERS,
+    NEUTRAL_ITEM,
+    NEUTRAL_SEMANTIC,
+    NEUTRAL_USER,
+    PROJ_C,
+    PROJ_W,
+    SEMANTIC_ITEMS,
+    with_prefix,
+)
 from sellarec.model.collab import CollabProjector, SemanticProjector
 from sellarec.model.lora import LoraSettings, attach_lora
 from sellarec.model.prompts import ALL_SLOTS, Slot, TemplateSpec
 from sellarec.model.scoring import answer_token_ids
+from sellarec.training.bundles import collab_tensors, semantic_tensors, write_bundle
+from sellarec.training.config import VARIANTS
+from sellarec.training.synthetic import synthetic_dataset
 
 TITLES = [
     "Toy Story (1995)",
@@ -83,15 +97,14 @@ def make_bundle(
     users = [f"u{i}" for i in range(n_users)]
     items = [f"i{i}" for i in range(n_items)]
     tensors = {
-        "mf.users": torch.randn(n_users, collab_dim),
-        "mf.items": torch.randn(n_items, collab_dim),
-        "semantic.items": torch.randn(n_items, d_l),
+        MF_USERS: torch.randn(n_users, collab_dim),
+        MF_ITEMS: torch.randn(n_items, collab_dim),
+        SEMANTIC_ITEMS: torch.randn(n_items, d_l),
     }
-    tensors["neutral.user"] = tensors["mf.users"].mean(0)
-    tensors["neutral.item"] = tensors["mf.items"].mean(0)
-    tensors["neutral.semantic"] = tensors["semantic.items"].mean(0)
-    tensors |= {f"proj_c.{k}": v for k, v in proj_c.state_dict().items()}
-    tensors |= {f"proj_w.{k}": v for k, v in proj_w.state_dict().items()}
+    tensors[NEUTRAL_USER] = tensors[MF_USERS].mean(0)
+    tensors[NEUTRAL_ITEM] = tensors[MF_ITEMS].mean(0)
+    tensors[NEUTRAL_SEMANTIC] = tensors[SEMANTIC_ITEMS].mean(0)
+    tensors |= with_prefix(PROJ_C, proj_c.state_dict()) | with_prefix(PROJ_W, proj_w.state_dict())
     histories = {u: items[: (k * 3) % (n_items + 1)] for k, u in enumerate(users)}
     yes, no = answer_token_ids(tok, spec.answer_cue)
     manifest = Manifest(
@@ -109,3 +122,46 @@ def make_bundle(
     )
     catalog = Catalog(users=users, items=items, titles=TITLES[:n_items], histories=histories)
     return save_bundle(root / name, manifest, tensors, catalog, adapter=adapter)
+
+
+def variant_bundle(root: Path, backbone_dir: Path, variant: str, collab_dim: int = 8, seed: int = 0) -> Path:
+    """The bundle `sellarec-train run <variant>` writes (training.bundles, the variant's template,
+    slots, adapter and tensors), with random weights in place of trained ones, on the synthetic
+    dataset: what serving must take as it is."""
+    torch.manual_seed(seed)
+    v, data = VARIANTS[variant], synthetic_dataset()
+    out = root / variant
+    if not v.llm:
+        users, items = torch.randn(data.n_users, collab_dim), torch.randn(data.n_items, collab_dim)
+        tensors = collab_tensors(data, users, items)
+        return write_bundle(out / "bundle", variant, data, tensors, 10, collab_dim=collab_dim)
+    model, tok, info = load_backbone(str(backbone_dir))
+    adapter = None
+    if v.lora:
+        adapter = out / "adapter"
+        lora = attach_lora(model, LoraSettings())
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero; make the adapter matter
+                torch.nn.init.normal_(param, std=0.5)
+        lora.save_pretrained(adapter, safe_serialization=True)
+    spec = TemplateSpec(stage="stage3", slots=v.slots) if v.stage3 else TemplateSpec(stage="stage1")
+    d_l, tensors = info.hidden_size, {}
+    if {Slot.USER, Slot.ITEM} & set(spec.slots):
+        users, items = torch.randn(data.n_users, collab_dim), torch.randn(data.n_items, collab_dim)
+        tensors |= collab_tensors(data, users, items)
+        tensors |= with_prefix(PROJ_C, CollabProjector(collab_dim, d_l).state_dict())
+    if Slot.WARM in spec.slots:
+        tensors |= semantic_tensors(data, torch.randn(data.n_items, d_l))
+        tensors |= with_prefix(PROJ_W, SemanticProjector(d_l).state_dict())
+    return write_bundle(
+        out / "bundle",
+        variant,
+        data,
+        tensors,
+        spec.history_length,
+        info=info,
+        spec=spec,
+        tokenizer=tok,
+        adapter=adapter,
+        collab_dim=collab_dim if v.stage3 else None,
+    )

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
 import factories
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from sellarec.model.artifacts import (
+    MANIFEST,
+    TENSORS,
     ArtifactError,
     Catalog,
     Manifest,
-    check_compatible,
     load_bundle,
     read_manifest,
     save_bundle,
+    sha256_file,
     verify_bundle,
 )
 from sellarec.model.backbone import BackboneInfo, load_backbone, random_backbone
+from sellarec.model.bundle import MF_USERS, PROJ_W
+from sellarec.model.compat import ModelIdentity, check_compatible, check_servable
 from sellarec.model.loader import load_scorer
 from sellarec.model.prompts import scoring_prompt
 
@@ -171,10 +177,8 @@ def test_loaded_scorer_reproduces_the_saved_model(tiny_bundle_dir, tiny_backbone
     enc = [
         merged.encoder.prompt(scoring_prompt(merged.spec, ["Heat (1995)"], t)) for t in bundle.catalog.titles
     ]
-    t = bundle.tensors
-    vectors = merged.soft_vectors(
-        t["mf.users"][:1].expand(len(enc), -1), t["mf.items"], t["semantic.items"], len(enc)
-    )
+    t = bundle.tables()
+    vectors = merged.soft_vectors(t.users[:1].expand(len(enc), -1), t.items, t.semantic, len(enc))
     with torch.no_grad():
         a, b = merged.score(enc, vectors), unmerged.score(enc, vectors)
         ids = torch.tensor([enc[0].ids])
@@ -191,3 +195,64 @@ def test_wrong_backbone_for_a_bundle_is_refused(tiny_bundle_dir, tmp_path, token
     tokenizer.save_pretrained(other)
     with pytest.raises(ArtifactError, match="backbone: artifact trained on .*; d_L: artifact 64, model 32"):
         load_scorer(tiny_bundle_dir, backbone=str(other))
+
+
+def _without(src, dst, drop):
+    """A copy of bundle `src` whose tensors lack those `drop` names, re-checksummed (so only the
+    contract, not the integrity check, can catch it)."""
+    shutil.copytree(src, dst)
+    tensors = {k: v for k, v in load_file(dst / TENSORS).items() if not drop(k)}
+    save_file(tensors, dst / TENSORS)
+    manifest = Manifest.model_validate_json((dst / MANIFEST).read_text())
+    manifest.checksums[TENSORS] = sha256_file(dst / TENSORS)
+    (dst / MANIFEST).write_text(manifest.model_dump_json())
+    return dst
+
+
+def test_a_bundle_missing_what_its_prompt_needs_is_not_written(tiny_bundle_dir, tmp_path):
+    bundle = load_bundle(tiny_bundle_dir)
+    tensors = {k: v for k, v in bundle.tensors.items() if not k.startswith(PROJ_W + ".")}
+    with pytest.raises(ArtifactError, match="has <Warm_ID> but it holds no proj_w"):
+        save_bundle(tmp_path / "cut", bundle.manifest, tensors, bundle.catalog)
+    assert not (tmp_path / "cut").exists()
+
+
+def test_a_bundle_cut_short_is_refused_by_the_loader_and_before_serving(tiny_bundle_dir, tmp_path):
+    cut = _without(tiny_bundle_dir, tmp_path / "cut", lambda k: k == MF_USERS)
+    verify_bundle(cut)  # the files are intact
+    for check in (load_bundle, check_servable):
+        with pytest.raises(
+            ArtifactError, match="has <User_ID> but it holds no mf.users; the bundle is refused"
+        ):
+            check(cut)
+
+
+def test_check_servable_passes_an_llm_bundle_and_refuses_one_without_an_llm(tiny_bundle_dir, tmp_path):
+    assert check_servable(tiny_bundle_dir).variant == "sellarec"
+    path, _, _ = _small(tmp_path)
+    with pytest.raises(ArtifactError, match="'sellarec' bundle without a backbone .* has no LLM to serve"):
+        check_servable(path)
+
+
+def test_typed_views_of_a_bundle(tiny_bundle_dir, tmp_path):
+    bundle = load_bundle(tiny_bundle_dir)
+    tables = bundle.tables()
+    assert tables.users.shape == (6, 16) and tables.semantic.shape == (10, 64)
+    projections = bundle.projections()
+    assert projections.llm_dim == 64 and projections.uses_collab and projections.uses_semantic
+    small = load_bundle(_small(tmp_path)[0])
+    assert small.tables().neutral_user is None and small.tables().users.shape == (3, 4)
+
+
+def test_model_identity_round_trips_and_names_every_difference(tiny_bundle_dir):
+    identity = ModelIdentity.of(load_bundle(tiny_bundle_dir).manifest)
+    assert ModelIdentity.from_dict(json.loads(json.dumps(identity.to_dict()))) == identity
+    older = {k: v for k, v in identity.to_dict().items() if k != "backbone_spec"} | {"unknown": 1}
+    assert ModelIdentity.from_dict(older).problems(identity) == []  # the spec is never compared
+    other = dataclasses.replace(
+        identity, backbone="0" * 64, collab_dim=8, template="{}", answer_ids=(1, 2), adapter="f" * 64
+    )
+    text = "; ".join(identity.problems(other))
+    for part in ("backbone: artifact trained on", "d_C: artifact 8, model 16", "Yes/No token ids",
+                 "prompt template", "LoRA weights: artifact ffffffffffff"):  # fmt: skip
+        assert part in text

@@ -9,13 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sellarec.model.bundle import PROJ_C, PROJ_W, load_projections, with_prefix, without_prefix
 from sellarec.model.collab import (
     CollabProjector,
     MatrixFactorization,
+    Projections,
     SemanticProjector,
     fold_in,
     fold_in_labelled,
     info_nce,
+    soft_vectors,
 )
 
 
@@ -142,3 +145,48 @@ def test_labelled_fold_in_recovers_a_user_better_than_positives_only():
     assert cos(labelled, true_user, dim=0) > cos(liked, true_user, dim=0)
     with pytest.raises(ValueError):
         fold_in_labelled(items, labels[:-1], prior)
+
+
+def test_soft_vectors_put_each_projection_in_its_slot_and_zeros_elsewhere():
+    proj_c, proj_w = CollabProjector(4, 6, hidden=5), SemanticProjector(6)
+    user, item, semantic = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 6)
+    out = soft_vectors(proj_c, proj_w, 6, user, item, semantic, 3)
+    assert out.shape == (3, 3, 6)
+    torch.testing.assert_close(out[:, 0], proj_c(user))
+    torch.testing.assert_close(out[:, 1], proj_c(item))
+    torch.testing.assert_close(out[:, 2], proj_w(semantic))
+    only_user = soft_vectors(proj_c, None, 6, user, None, semantic, 3)  # no Proj W->L: warm stays 0
+    assert torch.equal(only_user[:, 1:], torch.zeros(3, 2, 6))
+    assert torch.equal(soft_vectors(None, None, 6, user, item, semantic, 3), torch.zeros(3, 3, 6))
+
+
+def test_soft_vectors_let_stage_3_train_the_projections():
+    proj_c = CollabProjector(4, 6, hidden=5)
+    soft_vectors(proj_c, None, 6, torch.randn(2, 4), None, None, 2).square().sum().backward()
+    assert proj_c.net[0].weight.grad is not None and proj_c.net[0].weight.grad.abs().sum() > 0
+
+
+def test_projections_round_trip_through_bundle_tensors():
+    """Stored with their prefixes, rebuilt by the one loader: same outputs, pinned norm kept,
+    frozen; a projection that was not stored is None and its soft tokens are zeros."""
+    proj_c, proj_w = CollabProjector(4, 6, hidden=5, out_norm=2.5), SemanticProjector(6)
+    tensors = with_prefix(PROJ_C, proj_c.state_dict()) | with_prefix(PROJ_W, proj_w.state_dict())
+    assert without_prefix(tensors, PROJ_C).keys() == proj_c.state_dict().keys()
+    loaded = load_projections(tensors, 6)
+    x, w = torch.randn(3, 4), torch.randn(3, 6)
+    torch.testing.assert_close(loaded.proj_c(x), proj_c(x))
+    torch.testing.assert_close(loaded.proj_w(w), proj_w(w))
+    assert loaded.proj_c(x).norm(dim=-1) == pytest.approx([2.5] * 3, rel=1e-5)
+    assert not any(p.requires_grad for p in loaded.proj_c.parameters()) and not loaded.proj_c.training
+    only_c = load_projections(with_prefix(PROJ_C, proj_c.state_dict()), 6)
+    assert only_c.uses_collab and not only_c.uses_semantic
+    none = load_projections({}, 6)
+    assert isinstance(none, Projections) and none.proj_c is None and none.proj_w is None
+    assert torch.equal(none.soft_vectors(x, x, w, 3), torch.zeros(3, 3, 6))
+
+
+def test_fold_in_without_collaborative_vectors_is_empty():
+    """A variant with no MF side (TALLRec, SeLLa-Rec without <User_ID>) stores empty vectors."""
+    empty = torch.zeros(0)
+    assert fold_in(torch.zeros(3, 0), empty).shape == (0,)
+    assert fold_in_labelled(torch.zeros(3, 0), torch.tensor([1, 0, 1]), empty).shape == (0,)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sellarec.model.backbone import load_backbone
+from sellarec.model.encoding import Encoded
 from sellarec.model.prompts import Slot, TemplateSpec, scoring_prompt
 from sellarec.model.scoring import YesNoHead, answer_token_ids
 from sellarec.model.sella import SellaRec
@@ -92,6 +93,26 @@ def test_shared_prefix_path_equals_plain_forward(scorer):
             v = torch.stack([user_vectors[r, 0], item_vectors[n, 1], item_vectors[n, 2]])[None]
             plain.append(scorer.score([prefixes[r] + suffixes[n]], v))
     torch.testing.assert_close(fast, torch.cat(plain), rtol=0, atol=1e-5)
+
+
+def test_extended_prefixes_give_the_numbers_of_whole_prefixes(scorer):
+    """A head run once, continued per user by the rest of the prefix, then by the suffixes."""
+    spec = scorer.spec
+    prefixes = [scorer.encoder.split(scoring_prompt(spec, h, "x"))[0] for h in HISTORIES]
+    head = 5
+    assert all(p.ids[:head] == prefixes[0].ids[:head] for p in prefixes)
+    rests = [Encoded(p.ids[head:], tuple((s, q - head) for s, q in p.slots)) for p in prefixes]
+    suffixes = [scorer.encoder.split(scoring_prompt(spec, [], t))[1] for t in TITLES]
+    vectors = _vectors(scorer, 3, seed=7)
+    rows = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        whole = scorer.run_prefixes(prefixes, vectors)
+        shared = scorer.run_prefixes([Encoded(prefixes[0].ids[:head])])
+        extended = scorer.extend_prefixes(shared, torch.zeros(3, dtype=torch.long), rests, vectors)
+        expected = scorer.score_suffixes(whole, rows, suffixes, vectors)
+        got = scorer.score_suffixes(extended, rows, suffixes, vectors)
+    assert extended.lengths.tolist() == [len(p) for p in prefixes]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
 def test_shared_prefix_gradients_reach_the_soft_tokens(scorer):

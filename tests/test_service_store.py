@@ -101,7 +101,7 @@ async def test_a_load_the_active_model_cannot_serve_is_refused_unless_forced(
 ):
     v1 = (await admin.load(load_bundle(tiny_bundle_dir))).version
     other = load_bundle(bundle_other_dims)
-    with pytest.raises(LoadRefused, match="collab_dim"):
+    with pytest.raises(LoadRefused, match="d_C: artifact 8, model 16"):
         await admin.load(other)
     assert await admin.active() == v1
     forced = await admin.load(other, force=True)

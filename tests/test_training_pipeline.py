@@ -68,13 +68,16 @@ def test_stages_are_shared_between_variants(run_dir):
 
 
 def test_cached_stages_are_skipped_on_rerun(run_dir, tiny_cfg, tiny_data, monkeypatch):
+    import sellarec.training.assembly as assembly
     import sellarec.training.pipeline as pipeline
 
     def fail(*args, **kwargs):
         raise AssertionError("a cached stage ran again")
 
-    for fn in ("train_stage1", "distill_items", "train_stage2", "train_stage3", "evaluate_bundle"):
+    for fn in ("train_stage1", "distill_items", "train_stage2"):
         monkeypatch.setattr(pipeline, fn, fail)
+    for fn in ("train_stage3", "evaluate_bundle", "write_bundle"):
+        monkeypatch.setattr(assembly, fn, fail)
     run_variant(tiny_cfg, "sellarec", run_dir, data=tiny_data, progress=False)
 
 

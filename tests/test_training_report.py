@@ -18,10 +18,10 @@ from sellarec.training.report import (
     LABELS,
     PAPER_TABLE3_ML1M,
     PathStyle,
-    _local_backbone,
     survives,
     write_report,
 )
+from sellarec.training.report.soft_tokens import _local_backbone
 
 USERS, PER_USER = 12, 10
 #: How strongly each variant's scores follow the label (0: noise only).

@@ -69,18 +69,18 @@ def batch(loaded: LoadedModel) -> tuple[list, torch.Tensor, list[int], list, tor
 
     Returns the backend inputs and P(Yes) of the plain path (whole prompt, `scorer.score`).
     """
-    scorer, t = loaded.scorer, loaded.bundle.tensors
+    scorer, t = loaded.scorer, loaded.bundle.tables()
     titles = factories.TITLES
     users = [
-        (t["mf.users"][0], []),
-        (t["mf.users"][3], titles[2:6]),
-        (t["neutral.user"], [titles[k % 10] for k in range(13)]),  # cold user, history cut to 10
+        (t.users[0], []),
+        (t.users[3], titles[2:6]),
+        (t.neutral_user, [titles[k % 10] for k in range(13)]),  # cold user, history cut to 10
     ]
     cold = "千と千尋の神隠し 2 (2031)"
     distilled = scorer.distill([cold])[0]
     # (title, collaborative, semantic) of a candidate: stored items by row, one cold item.
-    items = [(titles[r], t["mf.items"][r], t["semantic.items"][r]) for r in range(10)]
-    items.append((cold, t["neutral.item"], distilled))
+    items = [(titles[r], t.items[r], t.semantic[r]) for r in range(10)]
+    items.append((cold, t.neutral_item, distilled))
     picks = [[0, 10, 4], [1, 1, 9, 10, 7], [3, 10]]  # a duplicate and the cold item
     prefixes = [scorer.encoder.split(scoring_prompt(scorer.spec, h, ""))[0] for _, h in users]
     prefix_vectors = [scorer.soft_vectors(u[None], None, None, 1) for u, _ in users]
@@ -202,19 +202,19 @@ CASES = [
 
 def expected_scores(loaded: LoadedModel, case: dict) -> list[float]:
     """P(Yes) per item from the plain path, with the store's inputs (cf. test_service_engine)."""
-    scorer, t, cat = loaded.scorer, loaded.bundle.tensors, loaded.bundle.catalog
+    scorer, t, cat = loaded.scorer, loaded.bundle.tables(), loaded.bundle.catalog
     users, items, titles = cat.user_rows(), cat.item_rows(), dict(zip(cat.items, cat.titles))
     known = case["user_id"] in users
-    user = t["mf.users"][users[case["user_id"]]] if known else t["neutral.user"]
+    user = t.users[users[case["user_id"]]] if known else t.neutral_user
     stored = [titles[i] for i in cat.histories[case["user_id"]]] if known else []
     history = stored if case.get("history") is None else [titles[i] for i in case["history"]]
     out = []
     for item in case["items"]:
         if isinstance(item, str):
             row = items[item]
-            title, collab, semantic = titles[item], t["mf.items"][row], t["semantic.items"][row]
+            title, collab, semantic = titles[item], t.items[row], t.semantic[row]
         else:
-            title, collab = item["title"], t["neutral.item"]
+            title, collab = item["title"], t.neutral_item
             semantic = scorer.distill([title])[0]
         vectors = scorer.soft_vectors(user[None], collab[None], semantic[None], 1)
         with torch.no_grad():

@@ -1,10 +1,14 @@
-"""Artifact bundles of every variant (model.artifacts layout).
+"""Artifact bundles of every variant (model.artifacts layout, tensor names of model.bundle).
 
-- MF: backbone and template None; mf.* and neutral.user/item only.
+- MF: backbone and template None; mf.* and neutral.user/item only. Evaluated offline;
+  servers refuse it (no LLM).
 - Zero-shot / TALLRec: the stage-1 template, no tensors (TALLRec carries the adapter).
 - Stage-3 variants: the stage-3 template with its slots, the stage-1 adapter, and only the
   tensors its slots use (mf.* and proj_c.* for <User_ID>/<Item_ID>, semantic.items and
   proj_w.* for <Warm_ID>), with neutral vectors for ids the tables do not know.
+
+`save_bundle` refuses tensors that do not back the prompt, so every bundle written here loads
+back and, with an LLM, serves.
 """
 
 from __future__ import annotations
@@ -17,6 +21,14 @@ import torch
 
 from sellarec.model.artifacts import Catalog, Manifest, TemplateRecord, backbone_record, save_bundle
 from sellarec.model.backbone import BackboneInfo
+from sellarec.model.bundle import (
+    MF_ITEMS,
+    MF_USERS,
+    NEUTRAL_ITEM,
+    NEUTRAL_SEMANTIC,
+    NEUTRAL_USER,
+    SEMANTIC_ITEMS,
+)
 from sellarec.model.prompts import TemplateSpec
 from sellarec.model.scoring import answer_token_ids
 from sellarec.training.data import Dataset
@@ -50,16 +62,16 @@ def _masked_mean(table: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
 def collab_tensors(data: Dataset, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
     """mf.* with neutral = mean over the ids that have training rows."""
     return {
-        "mf.users": users,
-        "mf.items": items,
-        "neutral.user": _masked_mean(users, data.trained_users()),
-        "neutral.item": _masked_mean(items, data.trained_items()),
+        MF_USERS: users,
+        MF_ITEMS: items,
+        NEUTRAL_USER: _masked_mean(users, data.trained_users()),
+        NEUTRAL_ITEM: _masked_mean(items, data.trained_items()),
     }
 
 
 def semantic_tensors(data: Dataset, semantic: torch.Tensor) -> dict[str, torch.Tensor]:
     titled = np.array([bool(t) for t in data.items.titles])
-    return {"semantic.items": semantic, "neutral.semantic": _masked_mean(semantic, titled)}
+    return {SEMANTIC_ITEMS: semantic, NEUTRAL_SEMANTIC: _masked_mean(semantic, titled)}
 
 
 def write_bundle(

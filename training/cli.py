@@ -80,7 +80,11 @@ def run(
     setup_logging(out / "train.log")
     command = shlex.join(["sellarec-train", *sys.argv[1:]])
     for name in variants:
-        result = run_variant(cfg, name, out, progress=progress, command=command, evaluate=evaluate)
+        try:
+            result = run_variant(cfg, name, out, progress=progress, command=command, evaluate=evaluate)
+        except FileNotFoundError as e:  # a missing split or stage input: one line that says what to set
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
         metrics = result.get("valid", {})
         typer.echo(json.dumps({"variant": name, **{k: metrics.get(k) for k in ("auc", "uauc")}}))
 

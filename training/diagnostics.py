@@ -5,9 +5,9 @@ Alignment (cf. the paper's Fig. 7): cos(Proj C->L(e_i^C), e_i^L) per model.
 Scale: how large the vectors spliced into the prompt are, against the backbone's own token
 embeddings.
 
-A soft token replaces a placeholder's input embedding in place (DESIGN.md section 3), so a
-vector far off the scale of the vocabulary's embeddings is an input the frozen LLM has
-never seen. These figures say whether that is the case, for each stage-3 bundle and for the
+A soft token replaces a placeholder's input embedding in place (paper Eq. 10), so a vector
+far off the scale of the vocabulary's embeddings is an input the frozen LLM has never
+seen. These figures say whether that is the case, for each stage-3 bundle and for the
 stage-2 projection a warm start begins from.
 """
 
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from sellarec.model.bundle import MF_ITEMS, MF_USERS, PROJ_C, PROJ_W, SEMANTIC_ITEMS, without_prefix
 from sellarec.model.collab import CollabProjector, SemanticProjector, vocabulary_norm
 
 
@@ -41,24 +42,20 @@ def _median_norm(x: torch.Tensor) -> float:
     return float(x.norm(dim=-1).median())
 
 
-def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-
-
 @torch.no_grad()
 def token_scale(tensors: dict[str, torch.Tensor]) -> TokenScale:
     """Soft-token norms from a bundle's (or stage 2's) tensors: mf.*, proj_c.*, semantic.items, proj_w.*."""
     user = item = warm = None
-    proj_c = _strip(tensors, "proj_c")
-    if proj_c and "mf.items" in tensors:
+    proj_c = without_prefix(tensors, PROJ_C)
+    if proj_c and MF_ITEMS in tensors:
         proj = CollabProjector.from_state(proj_c)
-        item = _median_norm(proj(tensors["mf.items"]))
-        if "mf.users" in tensors:
-            user = _median_norm(proj(tensors["mf.users"]))
-    proj_w = _strip(tensors, "proj_w")
-    if proj_w and "semantic.items" in tensors:
+        item = _median_norm(proj(tensors[MF_ITEMS]))
+        if MF_USERS in tensors:
+            user = _median_norm(proj(tensors[MF_USERS]))
+    proj_w = without_prefix(tensors, PROJ_W)
+    if proj_w and SEMANTIC_ITEMS in tensors:
         proj = SemanticProjector.from_state(proj_w)
-        warm = _median_norm(proj(tensors["semantic.items"]))
+        warm = _median_norm(proj(tensors[SEMANTIC_ITEMS]))
     return TokenScale(user, item, warm)
 
 
@@ -88,7 +85,7 @@ def cosine_sets(runs: Path, results: dict[str, dict], trained: np.ndarray) -> di
     distill = latest_stage(runs, "distill-*")
     if distill is None:
         return {}
-    semantic = load_file(distill / "semantic.safetensors")["semantic.items"]
+    semantic = load_file(distill / "semantic.safetensors")[SEMANTIC_ITEMS]
     out: dict[str, np.ndarray] = {}
 
     def cos(
@@ -110,17 +107,17 @@ def cosine_sets(runs: Path, results: dict[str, dict], trained: np.ndarray) -> di
         path = latest_stage(runs, pattern)
         if path is not None:
             t = load_file(path / "collab.safetensors")
-            state = {k[len("proj_c.") :]: v for k, v in t.items() if k.startswith("proj_c.")}
-            out[name] = cos(t["mf.items"], state, trained_mask(t["mf.items"]))
+            state = without_prefix(t, PROJ_C)
+            out[name] = cos(t[MF_ITEMS], state, trained_mask(t[MF_ITEMS]))
             out["stage 2, with alignment, mismatched item pairs"] = cos(
-                t["mf.items"], state, trained_mask(t["mf.items"]), shuffle=True
+                t[MF_ITEMS], state, trained_mask(t[MF_ITEMS]), shuffle=True
             )
     mf = latest_stage(runs, "stage2-mf-*")
     if mf is not None:
         t = load_file(mf / "collab.safetensors")
-        rand = random_projection(t["mf.items"].shape[1], semantic.shape[1])
+        rand = random_projection(t[MF_ITEMS].shape[1], semantic.shape[1])
         out["stage 2, without alignment (random Proj C->L)"] = cos(
-            t["mf.items"], rand, trained_mask(t["mf.items"])
+            t[MF_ITEMS], rand, trained_mask(t[MF_ITEMS])
         )
     for name, label in (
         ("sellarec", "after stage 3, SeLLa-Rec (aligned)"),
@@ -128,6 +125,6 @@ def cosine_sets(runs: Path, results: dict[str, dict], trained: np.ndarray) -> di
     ):
         if name in results:
             t = load_file(Path(results[name]["bundle"]) / "tensors.safetensors")
-            state = {k[len("proj_c.") :]: v for k, v in t.items() if k.startswith("proj_c.")}
-            out[label] = cos(t["mf.items"], state, trained_mask(t["mf.items"]))
+            state = without_prefix(t, PROJ_C)
+            out[label] = cos(t[MF_ITEMS], state, trained_mask(t[MF_ITEMS]))
     return out

@@ -50,15 +50,16 @@ def metrics(frame: pd.DataFrame, scores: np.ndarray) -> dict:
 
 
 def collab_inputs(bundle: Bundle) -> CollabInputs:
-    t = bundle.tensors
-    neutral = {k: t[f"neutral.{k}"] for k in ("user", "item", "semantic") if f"neutral.{k}" in t}
+    """The bundle's tables by external id (None where its variant has no such table)."""
+    t = bundle.tables()
+    neutral = {"user": t.neutral_user, "item": t.neutral_item, "semantic": t.neutral_semantic}
     return CollabInputs(
-        users=t.get("mf.users"),
-        items=t.get("mf.items"),
-        semantic=t.get("semantic.items"),
+        users=t.users,
+        items=t.items,
+        semantic=t.semantic,
         user_rows=bundle.catalog.user_rows(),
         item_rows=bundle.catalog.item_rows(),
-        neutral=neutral,
+        neutral={k: v for k, v in neutral.items() if v is not None},
     )
 
 
@@ -97,7 +98,7 @@ def score_bundle(
 ) -> np.ndarray:
     """Scores (logits; order-equivalent to P(Yes)) of every row under the bundle at `path`."""
     bundle = load_bundle(path)
-    if bundle.manifest.backbone is None:
+    if not bundle.manifest.has_llm:
         return score_mf(bundle, frame)
     loaded = load_scorer(bundle)
     return score_llm(loaded.scorer, collab_inputs(bundle), frame, batch_size, progress)

@@ -2,8 +2,8 @@
 present (the key hashes every setting the stage depends on, upstream stages included).
 
 `run_variant(config, "sellarec", out)` trains what the variant needs, writes its bundle to
-OUT/variants/<name>-<key>/bundle, evaluates it on the seeded validation sample and writes
-OUT/results/<name>.json. A demo can call it on a synthetic `Dataset`.
+OUT/stages/bundle-<name>-<key>/bundle, evaluates it on the seeded validation sample and
+writes OUT/results/<name>.json. A demo can call it on a synthetic `Dataset`.
 """
 
 from __future__ import annotations
@@ -19,26 +19,24 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from transformers import AutoConfig
+from safetensors.torch import load_file
 
-from sellarec.model.backbone import BackboneInfo, load_tokenizer, resolve
-from sellarec.model.backbone import fingerprint as backbone_fingerprint
-from sellarec.model.prompts import TemplateSpec
-from sellarec.training.bundles import collab_tensors, semantic_tensors, write_bundle
+from sellarec.model.bundle import SEMANTIC_ITEMS
+from sellarec.model.prompts import Slot, TemplateSpec
+from sellarec.training import assembly
 from sellarec.training.config import VARIANTS, RunConfig, Variant, fingerprint
 from sellarec.training.data import Dataset, sample
 from sellarec.training.distributed import barrier, world
-from sellarec.training.evaluate import evaluate_bundle
 from sellarec.training.stage1 import distill_items, train_stage1
 from sellarec.training.stage2 import train_stage2
-from sellarec.training.stage3 import SoftInputTables, build_scorer, train_stage3
 
 log = logging.getLogger("sellarec.train")
 DONE = "done.json"
+#: Builds a stage into a staging directory and returns the metrics it records.
+Build = Callable[[Path], dict]
 
 
-def cached(out: Path, name: str, key: str, build: Callable[[Path], dict]) -> tuple[Path, dict]:
+def cached(out: Path, name: str, key: str, build: Build) -> tuple[Path, dict]:
     """Run `build(staging_dir)` unless OUT/stages/name-key/done.json exists; atomic rename."""
     final = out / "stages" / f"{name}-{key}"
     w = world()
@@ -66,18 +64,6 @@ def cached(out: Path, name: str, key: str, build: Callable[[Path], dict]) -> tup
     return final, record
 
 
-def backbone_info(spec: str) -> BackboneInfo:
-    """BackboneInfo from the config alone (no weights loaded)."""
-    path = resolve(spec)
-    config = AutoConfig.from_pretrained(path)
-    return BackboneInfo(
-        spec=spec,
-        fingerprint=backbone_fingerprint(path),
-        hidden_size=int(config.get_text_config().hidden_size),
-        model_type=str(config.model_type),
-    )
-
-
 def templates(cfg: RunConfig, variant: Variant) -> tuple[TemplateSpec, TemplateSpec]:
     """(stage-1 spec, stage-3 spec with the variant's slots)."""
     common = {
@@ -89,7 +75,8 @@ def templates(cfg: RunConfig, variant: Variant) -> tuple[TemplateSpec, TemplateS
 
 
 class Pipeline:
-    """The stages of one configuration over one dataset; every stage result is cached."""
+    """The stage graph of one configuration over one dataset: each stage's cache key and the
+    stages it needs; what a variant's bundle is made of lives in `assembly`."""
 
     def __init__(self, cfg: RunConfig, out: Path, data: Dataset | None = None, progress: bool = True) -> None:
         self.cfg, self.out, self.progress = cfg, Path(out), progress
@@ -100,7 +87,7 @@ class Pipeline:
         #: stage name -> {"dir": cache dir name, "build_seconds": wall time when it was built}.
         self.used: dict[str, dict] = {}
 
-    def _timed(self, name: str, key: str, build: Callable[[Path], dict]) -> tuple[Path, dict]:
+    def _timed(self, name: str, key: str, build: Build) -> tuple[Path, dict]:
         path, record = cached(self.out, name, key, build)
         self.used[name] = {"dir": path.name, "build_seconds": record.get("build_seconds")}
         return path, record
@@ -132,7 +119,7 @@ class Pipeline:
                 self.progress,
             ),
         )
-        return load_file(path / "semantic.safetensors")["semantic.items"], key
+        return load_file(path / "semantic.safetensors")[SEMANTIC_ITEMS], key
 
     def stage2(self, align: bool) -> tuple[dict[str, torch.Tensor], str]:
         c = self.cfg
@@ -148,101 +135,45 @@ class Pipeline:
 
     def bundle(self, variant: Variant) -> Path:
         """Train what `variant` needs and write its bundle (cached like a stage)."""
-        c = self.cfg
-        spec1, spec3 = templates(c, variant)
         if not variant.llm:
-            collab, key = self.stage2(align=False)
-            tensors = collab_tensors(self.data, collab["mf.users"], collab["mf.items"])
-            build = lambda d: self._write(d, variant, tensors, collab_dim=c.stage2.collab_dim)  # noqa: E731
+            key, build = self._mf_bundle(variant)
         elif not variant.stage3:
-            adapter, key = self.stage1() if variant.lora else (None, "none")
-            build = lambda d: self._write(d, variant, {}, spec=spec1, adapter=adapter)  # noqa: E731
+            key, build = self._text_bundle(variant)
         else:
-            adapter, k1 = self.stage1()
-            semantic, kd = (
-                self.distill() if variant.align or "warm" in {s.value for s in variant.slots} else (None, "")
-            )
-            collab, k2 = self.stage2(align=variant.align)
-            key = fingerprint(k1, kd, k2, c.stage3, c.seed, asdict(variant))
-
-            def build(d: Path) -> dict:
-                proj_state = (
-                    {k[len("proj_c.") :]: v for k, v in collab.items() if k.startswith("proj_c.")}
-                    if variant.warm_start
-                    else None
-                )
-                scorer = build_scorer(
-                    c.backbone, adapter, spec3, c.stage2.collab_dim, proj_state, c.seed,
-                    c.stage3.soft_token_scale,
-                )
-                uses_collab = scorer.proj_c is not None
-                tables = SoftInputTables(
-                    collab["mf.users"] if uses_collab else None,
-                    collab["mf.items"] if uses_collab else None,
-                    semantic if scorer.proj_w is not None else None,
-                )
-                rows = sample(self.data.train, c.stage3.budget, c.seed + 3)
-                metrics = train_stage3(scorer, tables, rows, c.stage3, c.seed, self.progress)
-                tensors: dict[str, torch.Tensor] = {}
-                if uses_collab:
-                    tensors |= collab_tensors(self.data, tables.users.detach(), tables.items.detach())
-                    tensors |= {f"proj_c.{k}": v for k, v in scorer.proj_c.state_dict().items()}
-                if scorer.proj_w is not None:
-                    tensors |= semantic_tensors(self.data, tables.semantic.detach())
-                    tensors |= {f"proj_w.{k}": v for k, v in scorer.proj_w.state_dict().items()}
-                self._write(d, variant, tensors, spec=spec3, adapter=adapter, collab_dim=c.stage2.collab_dim)
-                return metrics
-
+            key, build = self._stage3_bundle(variant)
         path, _ = self._timed(f"bundle-{variant.name}", key, build)
         return path / "bundle"
 
-    def _write(
-        self,
-        d: Path,
-        variant: Variant,
-        tensors: dict,
-        spec: TemplateSpec | None = None,
-        adapter: Path | None = None,
-        collab_dim: int | None = None,
-    ) -> dict:
-        info = backbone_info(self.cfg.backbone) if spec else None
-        tokenizer = load_tokenizer(self.cfg.backbone) if spec else None
-        write_bundle(
-            d / "bundle",
-            variant.name,
-            self.data,
-            tensors,
-            self.cfg.prompt.history_length,
-            info=info,
-            spec=spec,
-            tokenizer=tokenizer,
-            adapter=adapter,
-            collab_dim=collab_dim,
-            extra={"config": asdict(self.cfg)},
+    def _mf_bundle(self, variant: Variant) -> tuple[str, Build]:
+        collab, key = self.stage2(align=False)
+        return key, lambda d: assembly.mf_bundle(d, self.cfg, self.data, variant, collab)
+
+    def _text_bundle(self, variant: Variant) -> tuple[str, Build]:
+        spec1, _ = templates(self.cfg, variant)
+        adapter, key = self.stage1() if variant.lora else (None, "none")
+        return key, lambda d: assembly.text_bundle(d, self.cfg, self.data, variant, spec1, adapter)
+
+    def _stage3_bundle(self, variant: Variant) -> tuple[str, Build]:
+        c = self.cfg
+        _, spec3 = templates(c, variant)
+        adapter, k1 = self.stage1()
+        semantic, kd = self.distill() if variant.align or Slot.WARM in variant.slots else (None, "")
+        collab, k2 = self.stage2(align=variant.align)
+        key = fingerprint(k1, kd, k2, c.stage3, c.seed, asdict(variant))
+        return key, lambda d: assembly.stage3_bundle(
+            d, c, self.data, variant, spec3, adapter, collab, semantic, self.progress
         )
-        return {}
 
     def evaluate(self, variant: Variant, bundle: Path) -> dict:
         """Metrics on the seeded validation sample; scores kept for paired comparisons."""
         e = self.cfg.eval
         frame = sample(self.data.valid, e.limit, e.seed)
         key = fingerprint(str(bundle.parent.name), e.limit, e.seed, len(frame))
-
-        def build(d: Path) -> dict:
-            result, scores = evaluate_bundle(bundle, frame, e.batch_size, self.progress)
-            save_file(
-                {
-                    "scores": torch.as_tensor(scores),
-                    "uid": torch.tensor(frame["uid"].to_numpy()),
-                    "iid": torch.tensor(frame["iid"].to_numpy()),
-                    "label": torch.tensor(frame["label"].to_numpy()),
-                    "not_cold": torch.tensor(frame["not_cold"].to_numpy()),
-                },
-                d / "scores.safetensors",
-            )
-            return result
-
-        path, record = self._timed(f"eval-{variant.name}", key, build)
+        path, record = self._timed(
+            f"eval-{variant.name}",
+            key,
+            lambda d: assembly.evaluation(d, bundle, frame, e.batch_size, self.progress),
+        )
         return record["metrics"] | {"scores": str(path / "scores.safetensors")}
 
 

@@ -1,10 +1,9 @@
 """Two-level prefix sharing: the token prefix common to every prompt (the instruction) runs
 once; each user-level prefix only runs its remainder on top of it.
 
-`extend_prefixes` continues a PrefixState by more tokens and returns the longer state, so
-`SellaRec.score_suffixes` can finish from it. Right padding of the added pieces leaves
-holes in the middle of the mask; positions come from the real token counts, so the numbers
-are those of the plain path (tested). Candidate for model/sella.py.
+Training and offline evaluation run thousands of prompts that all open with the same
+instruction; `SharedHead` keeps its keys/values and continues them with
+`SellaRec.extend_prefixes`, which gives the numbers of running each prefix whole (tested).
 """
 
 from __future__ import annotations
@@ -12,11 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import DynamicCache
 
 from sellarec.model.encoding import Encoded
 from sellarec.model.sella import PrefixState, SellaRec
-from sellarec.model.soft_tokens import slot_positions
 
 
 def common_head_length(prefixes: Sequence[Encoded]) -> int:
@@ -35,43 +32,6 @@ def common_head_length(prefixes: Sequence[Encoded]) -> int:
 def tail(encoded: Encoded, start: int) -> Encoded:
     """`encoded` without its first `start` tokens (slot positions shifted)."""
     return Encoded(encoded.ids[start:], tuple((s, p - start) for s, p in encoded.slots))
-
-
-def extend_prefixes(
-    scorer: SellaRec,
-    state: PrefixState,
-    rows: torch.Tensor,
-    pieces: Sequence[Encoded],
-    vectors: torch.Tensor | None = None,
-) -> PrefixState:
-    """Continue prefix `rows[n]` of `state` by `pieces[n]`; the new state has one row per piece."""
-    device = scorer.device
-    rows = rows.to(device)
-    width = max(len(p) for p in pieces)
-    ids = torch.full((len(pieces), width), scorer.encoder.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(pieces), width), dtype=torch.long)
-    for row, p in enumerate(pieces):
-        ids[row, : len(p)] = torch.tensor(p.ids)
-        mask[row, : len(p)] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = slot_positions([p.slots for p in pieces], device=device)
-    embeds = scorer._embed(ids, positions, vectors)
-    config = scorer._causal_lm().config
-    cache = DynamicCache(
-        ddp_cache_data=[(k.index_select(0, rows), v.index_select(0, rows)) for k, v in state.layers],
-        config=config,
-    )
-    base = state.lengths.index_select(0, rows)
-    full_mask = torch.cat([state.mask.index_select(0, rows), mask], dim=1)
-    scorer.decoder(
-        inputs_embeds=embeds,
-        attention_mask=full_mask,
-        position_ids=base[:, None] + torch.arange(width, device=device),
-        past_key_values=cache,
-        use_cache=True,
-    )
-    layers = [(layer.keys, layer.values) for layer in cache.layers]
-    return PrefixState(layers=layers, mask=full_mask, lengths=base + mask.sum(1))
 
 
 class SharedHead:
@@ -100,6 +60,5 @@ class SharedHead:
         if not usable:
             return self.scorer.run_prefixes(prefixes, vectors)
         rows = torch.zeros(len(prefixes), dtype=torch.long)
-        return extend_prefixes(
-            self.scorer, self.state, rows, [tail(p, self.length) for p in prefixes], vectors
-        )
+        pieces = [tail(p, self.length) for p in prefixes]
+        return self.scorer.extend_prefixes(self.state, rows, pieces, vectors)

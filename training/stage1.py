@@ -14,12 +14,14 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from sellarec.model.backbone import load_backbone
+from sellarec.model.bundle import SEMANTIC_ITEMS
 from sellarec.model.lora import attach_lora, load_lora, merge
 from sellarec.model.prompts import TemplateSpec
 from sellarec.model.sella import SellaRec
-from sellarec.training.batches import base_rate_bce, row_prompts, training_batches
+from sellarec.training.batches import row_prompts, training_batches
 from sellarec.training.config import Stage1Config
-from sellarec.training.distributed import shard, sum_gradients, total, world
+from sellarec.training.distributed import world
+from sellarec.training.loop import run_epochs
 
 log = logging.getLogger("sellarec.train")
 
@@ -47,43 +49,27 @@ def train_stage1(
     warmup = max(int(cfg.warmup_steps or 0), 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
     rng = np.random.default_rng(seed)
-    losses: list[float] = []
-    start = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        batches = training_batches([len(e) for e in encoded], cfg.batch_size, rng)
-        bar = tqdm(batches, desc=f"stage1 epoch {epoch}", disable=not progress, unit="batch")
-        for batch in bar:
-            # Eq. 5, as a sum over this process's rows / the global batch (see distributed.py).
-            local = shard(batch, w)
-            optimizer.zero_grad(set_to_none=True)
-            loss = torch.zeros(())
-            if local:
-                logits = scorer.score([encoded[i] for i in local])
-                loss = F.binary_cross_entropy_with_logits(logits, labels[local], reduction="sum") / len(batch)
-                loss.backward()
-            sum_gradients(params, w)
-            optimizer.step()
-            scheduler.step()
-            losses.append(total(loss.item(), w))
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-    seconds = time.perf_counter() - start
+    lengths = [len(e) for e in encoded]
+
+    def batch_loss(local: list[int], batch_size: int) -> torch.Tensor:
+        # Eq. 5, as a sum over this process's rows / the global batch (see distributed.py).
+        logits = scorer.score([encoded[i] for i in local])
+        return F.binary_cross_entropy_with_logits(logits, labels[local], reduction="sum") / batch_size
+
+    run = run_epochs(
+        "stage1",
+        cfg.epochs,
+        lambda: training_batches(lengths, cfg.batch_size, rng),
+        batch_loss,
+        optimizer,
+        params,
+        scheduler,
+        progress,
+    )
     if w.main:
         peft_model.save_pretrained(out / "adapter", safe_serialization=True)
-    log.info(
-        "stage1: %d rows, %.1fs (%.2f rows/s), last-20 loss %.4f",
-        len(train),
-        seconds,
-        len(train) * cfg.epochs / max(seconds, 1e-9),
-        float(np.mean(losses[-20:] or [0.0])),
-    )
-    return {
-        "rows": len(train),
-        "seconds": seconds,
-        "loss_first": losses[0] if losses else None,
-        "loss_last20": float(np.mean(losses[-20:])) if losses else None,
-        "losses": losses,
-        "base_rate_bce": base_rate_bce(labels),
-    }
+    run.log_summary("stage1", len(train), cfg.epochs)
+    return run.metrics(len(train), labels)
 
 
 def distill_items(
@@ -112,6 +98,6 @@ def distill_items(
     table = torch.empty(len(titles), scorer.llm_dim)
     table[torch.as_tensor(order)] = torch.cat(chunks)
     seconds = time.perf_counter() - start
-    save_file({"semantic.items": table.contiguous()}, out / "semantic.safetensors")
+    save_file({SEMANTIC_ITEMS: table.contiguous()}, out / "semantic.safetensors")
     log.info("distill: %d items, %.1fs", len(titles), seconds)
     return {"items": len(titles), "seconds": seconds}

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
+from sellarec.model.bundle import MF_ITEMS, MF_USERS, PROJ_C, with_prefix
 from sellarec.model.collab import CollabProjector, MatrixFactorization, info_nce
 from sellarec.training.config import Stage2Config
 from sellarec.training.data import Dataset
@@ -93,12 +94,12 @@ def train_stage2(
             break
     mf.load_state_dict(best_state["mf"])
     tensors = {
-        "mf.users": neutral_rows(mf.users.weight.detach(), data.trained_users()),
-        "mf.items": neutral_rows(mf.items.weight.detach(), data.trained_items()),
+        MF_USERS: neutral_rows(mf.users.weight.detach(), data.trained_users()),
+        MF_ITEMS: neutral_rows(mf.items.weight.detach(), data.trained_items()),
     }
     if proj is not None:
         proj.load_state_dict(best_state["proj"])
-        tensors |= {f"proj_c.{k}": v for k, v in proj.state_dict().items()}
+        tensors |= with_prefix(PROJ_C, proj.state_dict())
     save_file({k: v.contiguous() for k, v in tensors.items()}, out / "collab.safetensors")
     seconds = time.perf_counter() - start
     log.info(

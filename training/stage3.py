@@ -9,15 +9,11 @@ path (tested), a fraction of the backward.
 
 from __future__ import annotations
 
-import logging
-import time
-
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from sellarec.model.backbone import load_backbone
 from sellarec.model.collab import CollabProjector, SemanticProjector, vocabulary_norm
@@ -25,12 +21,10 @@ from sellarec.model.encoding import Encoded
 from sellarec.model.lora import load_lora, merge
 from sellarec.model.prompts import Slot, TemplateSpec
 from sellarec.model.sella import SellaRec
-from sellarec.training.batches import base_rate_bce, grouped_batches, row_prompts, split_before_first_slot
+from sellarec.training.batches import grouped_batches, row_prompts, split_before_first_slot
 from sellarec.training.config import Stage3Config
-from sellarec.training.distributed import shard, sum_gradients, total, world
+from sellarec.training.loop import run_epochs
 from sellarec.training.prefix import SharedHead
-
-log = logging.getLogger("sellarec.train")
 
 
 class SoftInputTables(nn.Module):
@@ -125,56 +119,38 @@ def train_stage3(
     ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
     params = [p for g in groups for p in g["params"]]
-    w = world()
     for m in projections:
         m.train().requires_grad_(True)
     shared = SharedHead(scorer, [h for h, _ in pieces])  # the instruction's keys/values, once
     rng = np.random.default_rng(seed)
-    losses: list[float] = []
-    start = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        # Rows sharing a head (same user and history) share its no-grad forward.
-        heads, lengths = [h.ids for h, _ in pieces], [len(h) + len(t) for h, t in pieces]
-        batches = grouped_batches(heads, lengths, cfg.batch_size, rng)
-        bar = tqdm(batches, desc=f"stage3 epoch {epoch}", disable=not progress, unit="batch")
-        for batch in bar:
-            # Mean over this process's rows, rescaled to a share of the global batch mean.
-            local = shard(batch, w)
-            optimizer.zero_grad(set_to_none=True)
-            loss = torch.zeros(())
-            if local:
-                b = torch.as_tensor(local)
-                loss = split_loss(
-                    scorer,
-                    tables,
-                    [pieces[i][0] for i in local],
-                    [pieces[i][1] for i in local],
-                    uids[b],
-                    iids[b],
-                    labels[b],
-                    shared,
-                ) * (len(local) / len(batch))
-                loss.backward()
-            sum_gradients(params, w)
-            optimizer.step()
-            losses.append(total(loss.item(), w))
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    # Rows sharing a head (same user and history) share its no-grad forward.
+    heads, lengths = [h.ids for h, _ in pieces], [len(h) + len(t) for h, t in pieces]
+
+    def batch_loss(local: list[int], batch_size: int) -> torch.Tensor:
+        # Mean over this process's rows, rescaled to a share of the global batch mean.
+        b = torch.as_tensor(local)
+        loss = split_loss(
+            scorer,
+            tables,
+            [pieces[i][0] for i in local],
+            [pieces[i][1] for i in local],
+            uids[b],
+            iids[b],
+            labels[b],
+            shared,
+        )
+        return loss * (len(local) / batch_size)
+
+    run = run_epochs(
+        "stage3",
+        cfg.epochs,
+        lambda: grouped_batches(heads, lengths, cfg.batch_size, rng),
+        batch_loss,
+        optimizer,
+        params,
+        progress=progress,
+    )
     for m in projections:
         m.eval().requires_grad_(False)
-    seconds = time.perf_counter() - start
-    log.info(
-        "stage3 %s: %d rows, %.1fs (%.2f rows/s), last-20 loss %.4f",
-        list(scorer.spec.slots),
-        len(train),
-        seconds,
-        len(train) * cfg.epochs / max(seconds, 1e-9),
-        float(np.mean(losses[-20:] or [0.0])),
-    )
-    return {
-        "rows": len(train),
-        "seconds": seconds,
-        "loss_first": losses[0] if losses else None,
-        "loss_last20": float(np.mean(losses[-20:])) if losses else None,
-        "losses": losses,
-        "base_rate_bce": base_rate_bce(labels),
-    }
+    run.log_summary(f"stage3 {list(scorer.spec.slots)}", len(train), cfg.epochs)
+    return run.metrics(len(train), labels)

@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 
 from sellarec.model.artifacts import load_bundle
+from sellarec.model.bundle import MF_ITEMS, MF_USERS, NEUTRAL_USER
 from sellarec.model.collab import fold_in, fold_in_labelled
 from sellarec.training.evaluate import _auc, uauc
 
@@ -62,8 +63,8 @@ def main() -> None:
 
     bundle = load_bundle(args.bundle)
     t, cat = bundle.tensors, bundle.catalog
-    users, items = t["mf.users"].double(), t["mf.items"].double()
-    neutral = t["neutral.user"].double()
+    users, items = t[MF_USERS].double(), t[MF_ITEMS].double()
+    neutral = t[NEUTRAL_USER].double()
     user_rows, item_rows = cat.user_rows(), cat.item_rows()
 
     valid = pd.read_parquet(args.valid)

@@ -50,7 +50,7 @@ def main() -> None:
         for k, e in enumerate(encoded):
             ids = torch.tensor([e.ids])
             pos = slot_positions([e.slots])
-            embeds.append(scorer._embed(ids, pos, vectors[k : k + 1])[0].contiguous())
+            embeds.append(scorer.embed(ids, pos, vectors[k : k + 1])[0].contiguous())
 
     start = time.perf_counter()
     llm = LLM(

@@ -2,7 +2,7 @@
 
 A random rank-8 LoRA on q_proj/v_proj of SmolLM2 (the training defaults), B drawn so it
 matters. Reference: torch, LoRA merged, `SellaRec.score`. Compared: vLLM on the merged
-weights (what `service.vllm_backend` does) and vLLM on the base weights with the adapter
+weights (what `service/backends/vllm_backend.py` does) and vLLM on the base weights with the adapter
 as a `LoRARequest` (`enable_lora=True`). Prints the largest |dP| of each and candidates/s
 for one 100-candidate request (one wave, prefix cache reset before each timed run).
 
@@ -62,7 +62,7 @@ def main() -> None:
         )
         reference = torch.sigmoid(scorer.score(encoded[:8], vectors[:8])).tolist()
         embeds = [
-            scorer._embed(torch.tensor([e.ids]), slot_positions([e.slots]), vectors[k : k + 1])[0]
+            scorer.embed(torch.tensor([e.ids]), slot_positions([e.slots]), vectors[k : k + 1])[0]
             for k, e in enumerate(encoded)
         ]
     yes, no = scorer.head.yes_id, scorer.head.no_id

@@ -36,7 +36,7 @@ from sellarec.service.metrics import Metrics
 from sellarec.service.settings import Settings
 from sellarec.service.store.base import InMemoryStore, Store
 from sellarec.service.store.redis_store import RedisStore
-from sellarec.service.store.versions import ModelInfo, version_id
+from sellarec.service.store.versions import version_id
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ def model_dtype(settings: Settings) -> torch.dtype:
 
 
 def load_model(settings: Settings) -> LoadedModel:
+    """The bundle's scorer; an MF bundle, or one the backbone does not fit, is an ArtifactError
+    (one line: `sellarec-serve` checks the bundle before it starts the server)."""
     if settings.artifacts is None:
         raise ValueError("no artifacts: pass --artifacts DIR or set SELLAREC_ARTIFACTS")
     return load_scorer(settings.artifacts, device=settings.device, dtype=model_dtype(settings))
@@ -188,9 +190,7 @@ def create_app(
                 "store": the_store.kind,
             }
         )
-        tracker = VersionTracker(
-            the_store, ModelInfo.of(model.bundle.manifest), scorer.device, metrics, settings.version_poll_s
-        )
+        tracker = VersionTracker(the_store, model.identity, scorer.device, metrics, settings.version_poll_s)
         try:
             await tracker.refresh()
         except StoreUnavailable as err:

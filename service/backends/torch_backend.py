@@ -20,7 +20,7 @@ from sellarec.model.sella import SellaRec
 class Backend(ABC):
     """Runs scoring and distillation forwards; called from the model thread only."""
 
-    #: Backend name ("torch", later "vllm").
+    #: Backend name ("torch" or "vllm").
     name: str
     #: d_L, the width of the soft-token vectors.
     llm_dim: int

@@ -2,7 +2,7 @@
 
 Each (user, candidate) pair becomes one vLLM request whose `prompt_embeds` are the token
 embeddings of the whole prompt with the soft tokens written at their slots (built here,
-in torch, exactly as `SellaRec._embed` builds them). vLLM runs them with prefix caching
+in torch, by `SellaRec.embed` itself). vLLM runs them with prefix caching
 (blocks are keyed by a hash of their embeddings, so a user's prefix blocks computed for
 one candidate are reused by the others and by later requests) and returns the
 log-probabilities of exactly the two answer tokens (`logprob_token_ids`); P(Yes) =
@@ -41,7 +41,7 @@ from sellarec.model.backbone import cache_dir, resolve
 from sellarec.model.encoding import Encoded
 from sellarec.model.loader import LoadedModel
 from sellarec.model.sella import SellaRec
-from sellarec.model.soft_tokens import slot_positions, splice
+from sellarec.model.soft_tokens import slot_positions
 from sellarec.service.backends.torch_backend import Backend, TorchBackend
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,6 @@ class VllmBackend(Backend):
         self.llm_dim = scorer.llm_dim
         self.device = scorer.device
         self.distiller = TorchBackend(scorer, max_batch_tokens)  # distillation runs in torch
-        self._table = scorer.backbone.get_input_embeddings()
         config = scorer.backbone.config.get_text_config()
         model_limit = int(getattr(config, "max_position_embeddings", None) or self.options.max_model_len)
         max_model_len = min(model_limit, self.options.max_model_len)
@@ -192,13 +191,6 @@ class VllmBackend(Backend):
             max_tokens=1, temperature=0.0, detokenize=False, logprob_token_ids=[self.yes_id, self.no_id]
         )
 
-    @classmethod
-    def from_loaded(
-        cls, loaded: LoadedModel, options: VllmOptions | None = None, max_batch_tokens: int = 8192
-    ) -> VllmBackend:
-        """Export the bundle's merged backbone (cached) and start an engine on it."""
-        return cls(loaded.scorer, export_for_vllm(loaded), options, max_batch_tokens)
-
     # --- prompt embeddings -------------------------------------------------------------
 
     def _embeds(self, pieces: Sequence[Encoded], vectors: torch.Tensor) -> list[torch.Tensor]:
@@ -206,11 +198,8 @@ class VllmBackend(Backend):
         out = []
         for k, piece in enumerate(pieces):
             ids = torch.tensor([piece.ids], device=self.device)
-            embeds = self._table(ids)
-            if piece.slots:
-                positions = slot_positions([piece.slots], device=self.device)
-                embeds = splice(embeds, positions, vectors[k : k + 1])
-            out.append(embeds[0].to("cpu"))
+            positions = slot_positions([piece.slots], device=self.device)
+            out.append(self.scorer.embed(ids, positions, vectors[k : k + 1])[0].to("cpu"))
         return out
 
     def prompt_embeds(

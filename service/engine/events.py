@@ -13,7 +13,7 @@ Decisions (also in docs/api.md):
   last `keep` (item, label) events, in the same order and with the same deduplication. The
   history lists liked items only (negatives never reach the prompt); the labelled list is
   what a user the MF never saw is folded in from (model.collab.fold_in_labelled, see
-  service/engine/engine.py). Both lists are written by one atomic store call per user.
+  service/engine/resolve.py). Both lists are written by one atomic store call per user.
 - Positives' items must be known to the served version or carry a title (else 422
   `unknown_items`, nothing written); the title is kept with the event so that reading the
   history needs no item lookup. Negatives need neither: a negative on an item the served

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sellarec.model.collab import Projections
 from sellarec.model.encoding import Encoded
-from sellarec.service.backends.projections import Projections
 from sellarec.service.backends.torch_backend import Backend
 
 
@@ -35,7 +35,8 @@ class Job:
     item_semantic: list[np.ndarray | None]
     #: Title of each candidate (the key of a distilled vector).
     titles: list[str]
-    #: Distillation prompt of every title this job needs distilled.
+    #: Distillation prompt of every title without a semantic vector (distilled only if the
+    #: projections take semantics).
     distill: dict[str, Encoded]
     #: Projections of the store version the request snapshotted.
     projections: Projections
@@ -62,33 +63,42 @@ class JobResult:
 
 
 def run_jobs(backend: Backend, jobs: Sequence[Job]) -> list[JobResult]:
-    """Score a batch of jobs: one distillation call, one scoring call (the backend chunks)."""
+    """Score a batch of jobs: one distillation call, one scoring call (the backend chunks).
+
+    Inputs a version's projections do not take are never computed nor passed: titles are
+    distilled only for a prompt with <Warm_ID>, MF vectors reach only one with <User_ID> or
+    <Item_ID> (the soft tokens of absent slots are zeros that no prompt reads).
+    """
     wanted: dict[str, Encoded] = {}
     for job in jobs:
-        wanted.update(job.distill)
+        if job.projections.uses_semantic:
+            wanted.update(job.distill)
     titles = list(wanted)
     vectors = backend.distill([wanted[t] for t in titles]) if titles else None
     distilled = {t: vectors[k].numpy() for k, t in enumerate(titles)} if vectors is not None else {}
 
     prefix_vectors, suffix_vectors, rows, suffixes = [], [], [], []
-    for row, job in enumerate(jobs):
-        user = torch.from_numpy(np.stack([job.user_collab]))
-        prefix_vectors.append(job.projections.soft_vectors(user, None, None, 1).to(backend.device))
-        semantic = np.stack(
-            [s if s is not None else distilled[t] for s, t in zip(job.item_semantic, job.titles)]
-        )
-        item = torch.from_numpy(np.stack(list(job.item_collab)))
-        suffix_vectors.append(
-            job.projections.soft_vectors(None, item, torch.from_numpy(semantic), job.size).to(backend.device)
-        )
-        rows += [row] * job.size
-        suffixes += job.suffixes
+    with torch.inference_mode():
+        for row, job in enumerate(jobs):
+            projections, user, item, semantic = job.projections, None, None, None
+            if projections.uses_collab:
+                user = torch.from_numpy(np.stack([job.user_collab]))
+                item = torch.from_numpy(np.stack(list(job.item_collab)))
+            if projections.uses_semantic:
+                pairs = zip(job.item_semantic, job.titles)
+                semantic = torch.from_numpy(
+                    np.stack([s if s is not None else distilled[t] for s, t in pairs])
+                )
+            prefix_vectors.append(projections.soft_vectors(user, None, None, 1).to(backend.device))
+            suffix_vectors.append(projections.soft_vectors(None, item, semantic, job.size).to(backend.device))
+            rows += [row] * job.size
+            suffixes += job.suffixes
     probabilities = backend.score(
         [job.prefix for job in jobs], torch.cat(prefix_vectors), rows, suffixes, torch.cat(suffix_vectors)
     )
     results, start = [], 0
     for job in jobs:
-        mine = {t: distilled[t] for t in job.distill}
+        mine = {t: distilled[t] for t in job.distill if t in distilled}
         results.append(JobResult(probabilities[start : start + job.size], mine))
         start += job.size
     return results

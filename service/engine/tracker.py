@@ -15,11 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sellarec.service.backends.projections import Projections
+from sellarec.model.bundle import NEUTRAL_ITEM, NEUTRAL_USER, load_projections
+from sellarec.model.collab import Projections
+from sellarec.model.compat import ModelIdentity
 from sellarec.service.errors import StoreUnavailable
 from sellarec.service.metrics import Metrics
 from sellarec.service.store.base import Store
-from sellarec.service.store.versions import ModelInfo, VersionMeta
+from sellarec.service.store.versions import VersionMeta
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +45,13 @@ class ServedVersion:
 
     @classmethod
     def build(cls, meta: VersionMeta, device: torch.device | str) -> ServedVersion:
+        """The version's projections rebuilt on `device` (as the scorer's loader builds them)."""
         zeros = np.zeros(meta.model.collab_dim, dtype=np.float32)
         return cls(
             meta=meta,
-            projections=Projections(meta.projections, meta.model.llm_dim, device),
-            neutral_user=meta.neutral.get("neutral.user", zeros),
-            neutral_item=meta.neutral.get("neutral.item", zeros),
+            projections=load_projections(meta.projections, meta.model.llm_dim, device),
+            neutral_user=meta.neutral.get(NEUTRAL_USER, zeros),
+            neutral_item=meta.neutral.get(NEUTRAL_ITEM, zeros),
         )
 
 
@@ -58,12 +61,13 @@ class VersionTracker:
     def __init__(
         self,
         store: Store,
-        model: ModelInfo,
+        model: ModelIdentity,
         device: torch.device | str,
         metrics: Metrics,
         poll_s: float = 2.0,
     ) -> None:
         self.store = store
+        #: The served model's identity: a version is switched to only if it matches.
         self.model = model
         self.device = device
         self.metrics = metrics

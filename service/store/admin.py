@@ -106,7 +106,11 @@ class StoreAdmin:
         return raw.decode() if raw else None
 
     async def load(self, bundle: Bundle, force: bool = False, activate: bool = True) -> LoadReport:
-        """Write `bundle` as a version, verify it, then flip the pointer to it (if `activate`)."""
+        """Write `bundle` as a version, verify it, then flip the pointer to it (if `activate`).
+
+        Any LLM variant's bundle; an MF bundle is an ArtifactError (no LLM to serve), raised
+        before Redis is touched. The model check is the servers' (`ModelIdentity.problems`).
+        """
         start = time.perf_counter()
         meta, users, items = bundle_records(bundle)
         version, store = meta.version, RedisStore(self.client, self.keys.prefix)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import numpy as np
+import torch
 
 from sellarec.model import collab
 from sellarec.model.artifacts import Bundle
@@ -27,7 +28,7 @@ from sellarec.service.store.versions import VersionMeta, meta_from_bundle
 class UserRecord:
     """A known user."""
 
-    #: Collaborative (MF) vector [d_C], float32.
+    #: Collaborative (MF) vector [d_C], float32 (empty: the model has no collaborative side).
     collab: np.ndarray
     #: Recent liked item ids, oldest first.
     history: tuple[str, ...]
@@ -41,9 +42,9 @@ class ItemRecord:
 
     #: Item title as the catalog has it.
     title: str
-    #: Collaborative (MF) vector [d_C], float32.
+    #: Collaborative (MF) vector [d_C], float32 (empty: the model has no collaborative side).
     collab: np.ndarray
-    #: Aligned semantic vector E_I^L [d_L], float32.
+    #: Aligned semantic vector E_I^L [d_L], float32 (empty: the model has no <Warm_ID>).
     semantic: np.ndarray
 
 
@@ -190,23 +191,33 @@ class Store(ABC):
 def bundle_records(
     bundle: Bundle,
 ) -> tuple[VersionMeta, Iterator[tuple[str, UserRecord]], Iterator[tuple[str, ItemRecord]]]:
-    """A bundle as store records: its version metadata, its users and its items."""
+    """A bundle as store records: its version metadata, its users and its items.
+
+    Any LLM variant: a side its prompt does not use (no MF tables for TALLRec, no semantic
+    table for CoLLM) is stored as empty vectors, never read. An MF bundle is refused
+    (ArtifactError: no LLM to serve).
+    """
     meta = meta_from_bundle(bundle)
-    cat, t = bundle.catalog, bundle.tensors
+    cat, tables = bundle.catalog, bundle.tables()
     titles = dict(zip(cat.items, cat.titles))
 
     def users() -> Iterator[tuple[str, UserRecord]]:
-        vectors = t["mf.users"].float().numpy()
+        vectors = _rows(tables.users, len(cat.users))
         for row, uid in enumerate(cat.users):
             history = tuple(i for i in cat.histories.get(uid, []) if i in titles)
             yield uid, UserRecord(vectors[row], history, tuple(titles[i] for i in history))
 
     def items() -> Iterator[tuple[str, ItemRecord]]:
-        collab, semantic = t["mf.items"].float().numpy(), t["semantic.items"].float().numpy()
+        collab, semantic = _rows(tables.items, len(cat.items)), _rows(tables.semantic, len(cat.items))
         for row, iid in enumerate(cat.items):
             yield iid, ItemRecord(titles[iid], collab[row], semantic[row])
 
     return meta, users(), items()
+
+
+def _rows(table: torch.Tensor | None, n: int) -> np.ndarray:
+    """A table as float32 rows; [n, 0] for a table the variant does not have."""
+    return np.zeros((n, 0), np.float32) if table is None else table.float().numpy()
 
 
 @dataclass

@@ -11,6 +11,7 @@ from typing import Annotated, TypeVar
 import typer
 
 from sellarec.model.artifacts import ArtifactError, load_bundle
+from sellarec.model.compat import require_llm
 from sellarec.service.redact import redact
 from sellarec.service.store.admin import LoadRefused, StoreAdmin
 from sellarec.service.store.redis_store import STORE_ERRORS, connect
@@ -64,9 +65,13 @@ def load(
     ] = False,
     activate: Annotated[bool, typer.Option(help="Flip the active-version pointer after the load.")] = True,
 ) -> None:
-    """Write a bundle as a new version, verify counts and checksum, then make it active."""
+    """Write a bundle as a new version, verify counts and checksum, then make it active.
+
+    Any LLM variant's bundle loads; an MF bundle (no LLM to serve) is refused in one line.
+    """
     try:
         bundle = load_bundle(artifacts)
+        require_llm(bundle.manifest, artifacts)
     except ArtifactError as err:
         typer.secho(str(err), fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from err

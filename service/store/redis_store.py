@@ -67,7 +67,7 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 #: A client of one Redis server or of a Redis Cluster: the store uses what both share.
 Client = redis.Redis | RedisCluster
 
-#: `service.store.merge_events` on both lists of the overlay, as one atomic script on the
+#: `merge_events` (service/store/base.py) on both lists of the overlay, as one atomic script on the
 #: overlay key (see the key layout above; an overlay written as a bare JSON array, as the
 #: first events code did, is read as the positives). ARGV[1] = entries to keep per list,
 #: ARGV[2] = how many positives follow, then the new positives and the new labelled events,
@@ -164,10 +164,6 @@ def overlay(raw: bytes | None) -> tuple[tuple[LikedItem, ...], tuple[LabelledEve
         for event_id, ts, item_id, label in stored.get("labelled") or []
     )
     return liked, labelled
-
-
-def is_cluster_url(url: str) -> bool:
-    return url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
 
 
 def connect(url: str, timeout_s: float = 1.0, cluster: bool = False) -> Client:

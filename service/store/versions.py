@@ -1,10 +1,10 @@
-"""Store versions: what one loaded artifact puts in the store, and whether this server can serve it.
+"""Store versions: what one loaded artifact puts in the store.
 
 A version is everything the store holds for one artifact bundle: users, items, the
 neutral (cold-start) vectors and the two projections, which were trained together with
-the embeddings and so travel with them. It may be served by a model whose backbone,
-dimensions, prompt template, answer tokens and LoRA are those it was trained with:
-`ModelInfo` is that identity, and `ModelInfo.problems` explains a mismatch.
+the embeddings and so travel with them. It may be served only by a model whose backbone,
+dimensions, prompt template, answer tokens and LoRA are those it was trained with: its
+`model` is that identity (`model.compat.ModelIdentity`, the check the scorer's loader uses).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -20,60 +20,12 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from sellarec.model.artifacts import Bundle, Manifest
+from sellarec.model.artifacts import ADAPTER_WEIGHTS, CATALOG, TENSORS, Bundle, Manifest
+from sellarec.model.bundle import NEUTRAL, NEUTRAL_ITEM, NEUTRAL_SEMANTIC, NEUTRAL_USER, projection_tensors
+from sellarec.model.compat import ModelIdentity
 
-#: Manifest checksum that identifies the LoRA weights (the adapter is merged into the model).
-_ADAPTER_WEIGHTS = "adapter/adapter_model.safetensors"
 #: Files whose content defines a version.
-_CONTENT_FILES = ("tensors.safetensors", "catalog.json", _ADAPTER_WEIGHTS)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a store version must share with the model that serves it."""
-
-    #: Backbone fingerprint (config, tokenizer and weight files).
-    backbone: str
-    #: d_L, the LLM hidden size.
-    llm_dim: int
-    #: d_C, the collaborative dimension.
-    collab_dim: int
-    #: The prompt template record, as canonical JSON.
-    template: str
-    #: (yes, no) answer token ids.
-    answer_ids: tuple[int, int]
-    #: sha256 of the LoRA weights ("" without an adapter).
-    adapter: str
-
-    @classmethod
-    def of(cls, manifest: Manifest) -> ModelInfo:
-        if manifest.backbone is None or manifest.template is None:
-            raise ValueError(f"variant {manifest.variant!r} carries no LLM and cannot be served")
-        ids = manifest.answer_token_ids or {}
-        return cls(
-            backbone=manifest.backbone.fingerprint,
-            llm_dim=int(manifest.llm_dim or manifest.backbone.hidden_size),
-            collab_dim=int(manifest.collab_dim or 0),
-            template=json.dumps(manifest.template.model_dump(), sort_keys=True),
-            answer_ids=(int(ids.get("yes", -1)), int(ids.get("no", -1))),
-            adapter=manifest.checksums.get(_ADAPTER_WEIGHTS, ""),
-        )
-
-    def problems(self, other: ModelInfo) -> list[str]:
-        """Why a version made for `other` cannot be served by this model (empty: it can)."""
-        out = []
-        if other.backbone != self.backbone:
-            out.append(f"backbone fingerprint {other.backbone[:12]} != model's {self.backbone[:12]}")
-        for name in ("llm_dim", "collab_dim", "answer_ids"):
-            if getattr(other, name) != getattr(self, name):
-                out.append(f"{name} {getattr(other, name)} != model's {getattr(self, name)}")
-        if other.template != self.template:
-            out.append(f"prompt template {other.template} != model's {self.template}")
-        if other.adapter != self.adapter:
-            out.append(
-                f"LoRA weights {other.adapter[:12] or 'none'} != model's {self.adapter[:12] or 'none'}"
-            )
-        return out
+_CONTENT_FILES = (TENSORS, CATALOG, ADAPTER_WEIGHTS)
 
 
 @dataclass
@@ -93,10 +45,11 @@ class VersionMeta:
     #: Number of items the version holds.
     n_items: int
     #: What the serving model must match.
-    model: ModelInfo
-    #: Cold-start vectors: "neutral.user", "neutral.item" [d_C], "neutral.semantic" [d_L], float32.
+    model: ModelIdentity
+    #: Cold-start vectors by name (model.bundle.NEUTRAL), float32: user and item [d_C], semantic
+    #: [d_L]; empty where the variant has no such side (its users' and items' vectors are empty too).
     neutral: dict[str, np.ndarray]
-    #: Projection weights, "proj_c.*" and "proj_w.*".
+    #: Projection weights as the bundle stores them (model.bundle: "proj_c.*", "proj_w.*").
     projections: dict[str, torch.Tensor]
     #: sha256 over every user and item record as written (set by the loader, checked after a load).
     checksum: str = ""
@@ -105,20 +58,21 @@ class VersionMeta:
 
     def to_fields(self) -> dict[str, bytes]:
         """Hash fields for the store: JSON for the scalars, raw float32 / safetensors for tensors."""
-        head = {k: v for k, v in asdict(self).items() if k not in {"neutral", "projections"}}
-        fields = {"meta": json.dumps(head).encode()}
-        fields |= {name: vec.astype("<f4").tobytes() for name, vec in self.neutral.items()}
-        fields["projections"] = save_tensors({k: v.contiguous() for k, v in self.projections.items()})
-        return fields
+        scalars = [f.name for f in fields(self) if f.name not in {"model", "neutral", "projections"}]
+        head = {name: getattr(self, name) for name in scalars} | {"model": self.model.to_dict()}
+        out = {"meta": json.dumps(head).encode()}
+        out |= {name: vec.astype("<f4").tobytes() for name, vec in self.neutral.items()}
+        out["projections"] = save_tensors({k: v.contiguous() for k, v in self.projections.items()})
+        return out
 
     @classmethod
-    def from_fields(cls, fields: dict[str, bytes]) -> VersionMeta:
-        head = json.loads(fields["meta"])
-        model = head.pop("model")
-        model["answer_ids"] = tuple(model["answer_ids"])
-        neutral = {k: np.frombuffer(v, dtype="<f4") for k, v in fields.items() if k.startswith("neutral.")}
-        projections = load_tensors(fields["projections"]) if fields.get("projections") else {}
-        return cls(**head, model=ModelInfo(**model), neutral=neutral, projections=projections)
+    def from_fields(cls, raw: dict[str, bytes]) -> VersionMeta:
+        """Read back `to_fields`."""
+        head = json.loads(raw["meta"])
+        model = ModelIdentity.from_dict(head.pop("model"))
+        neutral = {k: np.frombuffer(raw[k], dtype="<f4") for k in NEUTRAL if k in raw}
+        projections = load_tensors(raw["projections"]) if raw.get("projections") else {}
+        return cls(**head, model=model, neutral=neutral, projections=projections)
 
 
 def version_id(manifest: Manifest) -> str:
@@ -131,12 +85,20 @@ def version_id(manifest: Manifest) -> str:
 
 
 def meta_from_bundle(bundle: Bundle) -> VersionMeta:
-    """The metadata of the version a bundle makes (checksum left for the loader to fill)."""
-    m, t = bundle.manifest, bundle.tensors
+    """The metadata of the version a bundle makes (checksum left for the loader to fill).
+
+    An MF bundle makes none (ArtifactError: no LLM to serve).
+    """
+    m, tables = bundle.manifest, bundle.tables()
+    model = ModelIdentity.of(m)
     neutral = {
-        k: t[k].float().numpy() for k in ("neutral.user", "neutral.item", "neutral.semantic") if k in t
+        name: _vector(vector)
+        for name, vector in (
+            (NEUTRAL_USER, tables.neutral_user),
+            (NEUTRAL_ITEM, tables.neutral_item),
+            (NEUTRAL_SEMANTIC, tables.neutral_semantic),
+        )
     }
-    projections = {k: v.float() for k, v in t.items() if k.startswith(("proj_c.", "proj_w."))}
     return VersionMeta(
         version=version_id(m),
         name=m.name,
@@ -144,8 +106,13 @@ def meta_from_bundle(bundle: Bundle) -> VersionMeta:
         created_at=m.created_at,
         n_users=m.n_users,
         n_items=m.n_items,
-        model=ModelInfo.of(m),
+        model=model,
         neutral=neutral,
-        projections=projections,
+        projections={k: v.float() for k, v in projection_tensors(bundle.tensors).items()},
         extra={"dataset": m.dataset},
     )
+
+
+def _vector(tensor: torch.Tensor | None) -> np.ndarray:
+    """A float32 vector; empty for a side the variant does not have."""
+    return np.zeros(0, np.float32) if tensor is None else tensor.float().numpy()

@@ -1,0 +1,185 @@
+"""The optimisation loop stages 1 and 3 share (training.loop.run_epochs)."""
+
+from __future__ import annotations
+
+import math
+
+import factories
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sellarec.model.backbone import load_backbone
+from sellarec.model.collab import CollabProjector, SemanticProjector
+from sellarec.model.prompts import TemplateSpec
+from sellarec.model.sella import SellaRec
+from sellarec.training import loop, stage1, stage3
+from sellarec.training.config import Stage1Config, Stage3Config
+from sellarec.training.loop import run_epochs
+
+X = torch.tensor([[1.0, 0.0, 2.0], [0.5, -1.0, 0.0], [-1.0, 1.0, 1.0], [2.0, 2.0, -1.0], [0.0, 0.3, 0.1]])
+Y = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
+BATCHES = [[3, 1], [0, 4, 2]]
+
+
+def _linear() -> tuple[torch.nn.Linear, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    return model, torch.optim.SGD(model.parameters(), lr=0.5)
+
+
+def test_one_step_per_batch_with_the_loss_of_each_step_recorded():
+    model, optimizer = _linear()
+
+    def batch_loss(local: list[int], batch_size: int) -> torch.Tensor:
+        logits = model(X[local])[:, 0]
+        return F.binary_cross_entropy_with_logits(logits, Y[local], reduction="sum") / batch_size
+
+    params = list(model.parameters())
+    run = run_epochs("test", 2, lambda: BATCHES, batch_loss, optimizer, params, progress=False)
+
+    reference, ref_optimizer = _linear()
+    expected = []
+    for _ in range(2):
+        for batch in BATCHES:
+            ref_optimizer.zero_grad()
+            logits = reference(X[batch])[:, 0]
+            loss = F.binary_cross_entropy_with_logits(logits, Y[batch], reduction="sum") / len(batch)
+            loss.backward()
+            ref_optimizer.step()
+            expected.append(loss.item())
+    assert run.losses == expected
+    assert torch.equal(model.weight, reference.weight) and torch.equal(model.bias, reference.bias)
+
+
+def test_the_scheduler_steps_once_per_optimiser_step():
+    model, optimizer = _linear()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    run_epochs(
+        "test",
+        3,
+        lambda: BATCHES,
+        lambda local, n: model(X[local]).sum() / n,
+        optimizer,
+        list(model.parameters()),
+        scheduler,
+        progress=False,
+    )
+    assert scheduler.last_epoch == 3 * len(BATCHES)
+
+
+def test_the_batches_are_drawn_once_per_epoch():
+    model, optimizer = _linear()
+    drawn = []
+
+    def batches() -> list[list[int]]:
+        drawn.append(1)
+        return BATCHES
+
+    run = run_epochs(
+        "test", 3, batches, lambda local, n: model(X[local]).sum() / n, optimizer, [], progress=False
+    )
+    assert len(drawn) == 3 and len(run.losses) == 3 * len(BATCHES)
+
+
+def test_a_broken_loss_function_stops_the_loop():
+    model, optimizer = _linear()
+    before = model.weight.detach().clone()
+
+    def broken(local: list[int], batch_size: int) -> torch.Tensor:
+        raise FloatingPointError("loss went wrong")
+
+    with pytest.raises(FloatingPointError, match="loss went wrong"):
+        run_epochs("test", 1, lambda: BATCHES, broken, optimizer, list(model.parameters()), progress=False)
+    assert torch.equal(model.weight, before)
+
+
+def test_the_record_holds_the_curve_and_the_base_rate():
+    run = loop.TrainingRun(losses=[0.9, 0.7, 0.5], seconds=2.0)
+    metrics = run.metrics(rows=6, labels=torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    assert metrics["rows"] == 6 and metrics["seconds"] == 2.0
+    assert metrics["loss_first"] == 0.9 and metrics["loss_last20"] == pytest.approx(0.7)
+    assert metrics["losses"] == [0.9, 0.7, 0.5]
+    assert metrics["base_rate_bce"] == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    empty = loop.TrainingRun(losses=[], seconds=0.0).metrics(rows=0, labels=torch.tensor([]))
+    assert empty["loss_first"] is None and empty["loss_last20"] is None
+
+
+# --- both stages train through it --------------------------------------------------
+
+
+class Spy:
+    """Stands in for `run_epochs` in a stage module: runs the real loop, sees every batch
+    loss the stage computes, and can make that loss fail."""
+
+    def __init__(self, broken: bool = False) -> None:
+        self.broken = broken
+        self.names: list[str] = []
+        self.seen: list[float] = []
+
+    def __call__(self, name, epochs, batches, batch_loss, *args, **kwargs):
+        self.names.append(name)
+
+        def checked(local: list[int], batch_size: int) -> torch.Tensor:
+            loss = batch_loss(local, batch_size)
+            self.seen.append(loss.item())
+            if self.broken:
+                raise FloatingPointError(f"{name}: broken loss")
+            return loss
+
+        return run_epochs(name, epochs, batches, checked, *args, **kwargs)
+
+
+def _frame() -> pd.DataFrame:
+    t = factories.TITLES
+    return pd.DataFrame(
+        {
+            "uid": [1, 1, 2, 3, 4],
+            "iid": [2, 3, 4, 5, 6],
+            "label": [1, 0, 1, 0, 1],
+            "his_title": [[t[0], t[1]], [t[0], t[1]], [], [t[6], t[7]], [t[8]]],
+            "title": [t[2], t[3], t[4], t[5], t[6]],
+        }
+    )
+
+
+def _train_stage1(tiny_backbone_dir, tmp_path) -> dict:
+    cfg = Stage1Config(batch_size=2, lora_top_layers=1)
+    return stage1.train_stage1(
+        str(tiny_backbone_dir), TemplateSpec(stage="stage1"), _frame(), cfg, 0, tmp_path, progress=False
+    )
+
+
+def _train_stage3(tiny_backbone_dir) -> dict:
+    torch.manual_seed(0)
+    model, tok, info = load_backbone(str(tiny_backbone_dir))
+    proj_c, proj_w = CollabProjector(8, info.hidden_size), SemanticProjector(info.hidden_size)
+    scorer = SellaRec(model, tok, TemplateSpec(), proj_c=proj_c, proj_w=proj_w)
+    tables = stage3.SoftInputTables(torch.randn(5, 8), torch.randn(10, 8), torch.randn(10, info.hidden_size))
+    return stage3.train_stage3(scorer, tables, _frame(), Stage3Config(batch_size=2), 0, progress=False)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage3"])
+def test_both_stages_record_the_losses_of_the_shared_loop(stage, tiny_backbone_dir, tmp_path, monkeypatch):
+    spy = Spy()
+    module = stage1 if stage == "stage1" else stage3
+    monkeypatch.setattr(module, "run_epochs", spy)
+    if stage == "stage1":
+        metrics = _train_stage1(tiny_backbone_dir, tmp_path)
+    else:
+        metrics = _train_stage3(tiny_backbone_dir)
+    assert spy.names == [stage]
+    assert metrics["losses"] == spy.seen and len(spy.seen) == 3  # 5 rows, batches of 2
+    assert metrics["rows"] == 5
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage3"])
+def test_a_broken_stage_loss_reaches_the_caller(stage, tiny_backbone_dir, tmp_path, monkeypatch):
+    module = stage1 if stage == "stage1" else stage3
+    monkeypatch.setattr(module, "run_epochs", Spy(broken=True))
+    with pytest.raises(FloatingPointError, match=f"{stage}: broken loss"):
+        if stage == "stage1":
+            _train_stage1(tiny_backbone_dir, tmp_path)
+        else:
+            _train_stage3(tiny_backbone_dir)

@@ -1,0 +1,96 @@
+"""The optimisation loop stages 1 and 3 share: batches -> this process's rows -> loss ->
+backward -> summed gradients -> one optimiser step, with the loss of every step recorded.
+
+A stage says what differs: its batches (length-bucketed, or grouped by prompt head), its
+loss of a batch, its optimiser and scheduler. The loss function receives this process's
+rows and the size of the global batch, and returns this process's share of the global
+batch's loss (see distributed.py), so the summed gradients are those of one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sellarec.training.batches import base_rate_bce
+from sellarec.training.distributed import shard, sum_gradients, total, world
+
+log = logging.getLogger("sellarec.train")
+
+#: Loss of one batch: (this process's row indices, global batch size) -> scalar to backpropagate.
+BatchLoss = Callable[[list[int], int], torch.Tensor]
+
+
+@dataclass
+class TrainingRun:
+    """What a training loop leaves behind besides the trained weights."""
+
+    #: Global loss of every optimiser step, in order.
+    losses: list[float]
+    #: Wall time of the loop.
+    seconds: float
+
+    def last20(self) -> float | None:
+        """Mean loss of the last 20 steps (None without steps)."""
+        return float(np.mean(self.losses[-20:])) if self.losses else None
+
+    def metrics(self, rows: int, labels: torch.Tensor) -> dict:
+        """The stage's record in its done.json (the report plots `losses` against `base_rate_bce`)."""
+        return {
+            "rows": rows,
+            "seconds": self.seconds,
+            "loss_first": self.losses[0] if self.losses else None,
+            "loss_last20": self.last20(),
+            "losses": self.losses,
+            "base_rate_bce": base_rate_bce(labels),
+        }
+
+    def log_summary(self, name: str, rows: int, epochs: int) -> None:
+        """One line: rows, wall time, throughput, the last-20 loss."""
+        log.info(
+            "%s: %d rows, %.1fs (%.2f rows/s), last-20 loss %.4f",
+            name,
+            rows,
+            self.seconds,
+            rows * epochs / max(self.seconds, 1e-9),
+            float(np.mean(self.losses[-20:] or [0.0])),
+        )
+
+
+def run_epochs(
+    name: str,
+    epochs: int,
+    batches: Callable[[], Sequence[Sequence[int]]],
+    batch_loss: BatchLoss,
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[torch.nn.Parameter],
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    progress: bool = True,
+) -> TrainingRun:
+    """`epochs` passes over `batches()` (called once per epoch, so a seeded generator it
+    draws from gives the same order on every process), one optimiser step per batch."""
+    w = world()
+    losses: list[float] = []
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        bar = tqdm(batches(), desc=f"{name} epoch {epoch}", disable=not progress, unit="batch")
+        for batch in bar:
+            local = shard(batch, w)
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.zeros(())
+            if local:  # a process without rows still joins the gradient sum, with zeros
+                loss = batch_loss(local, len(batch))
+                loss.backward()
+            sum_gradients(params, w)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            losses.append(total(loss.item(), w))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    return TrainingRun(losses, time.perf_counter() - start)
