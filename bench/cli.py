@@ -1,29 +1,38 @@
-"""Engine benchmark: the straightforward path, our engine and the roofline, in one run.
+"""Engine benchmark: the straightforward path, our engine, vLLM and the roofline, in one run.
 
-    sellarec-bench --candidates 1,20,100 --out runs/bench-cpu.json
+    sellarec-bench --candidates 1,20,100 --threads 2 --vllm --out runs/bench-cpu.json
+    sellarec-bench --candidates sweep --threads 2 --vllm --out runs/bench-cpu.json \
+        --plot docs/figures/bench-cpu.png          # sizes 1, 5, 20, 100, 500, and a figure
 
 - naive: each (user, candidate) pair's full prompt through the Hugging Face causal LM,
-  padded batches, the full-vocabulary logits, softmax over Yes/No;
+  padded batches, the full-vocabulary logits, softmax over Yes/No (on the plain model: the
+  engine's CPU fast path is not applied to it);
 - engine: the service's torch backend (one prefix per request, keys/values shared by all
-  candidates, only the two answer rows of the head);
+  candidates, only the two answer rows of the head; on CPU in float32 the linear layers on
+  packed oneDNN weights, `model/fast_path.py`);
 - vllm (`--vllm`): the peer, vLLM's engine on the same model and the same spliced prompt
   embeddings (`service/backends/vllm_backend.py`: prompt_embeds, prefix caching, the two answer
-  log-probabilities), its prefix cache emptied before every timed request;
-- roofline: the machine's measured matmul FLOP/s divided by the FLOPs one candidate needs
+  log-probabilities), its prefix cache emptied before every timed request; on CPU its
+  worker gets the same number of threads as the engine (`--threads`);
+- roofline: the machine's best measured matmul FLOP/s (PyTorch's `aten::mm` or, on CPU,
+  oneDNN on packed weights, whichever is faster) divided by the FLOPs one candidate needs
   when the prefix is shared (its suffix tokens through every linear layer, their attention
   over prefix + suffix, and 1/N of the prefix).
 
 Random projections and soft vectors: speed does not depend on trained values. Without a
-GPU the default is SmolLM2-135M in fp32; `--arch qwen2-7b --device cuda --dtype bf16`
-builds a randomly initialised model of that architecture for speed runs.
+GPU the default is SmolLM2-135M in fp32; `--arch qwen2-7b --device cuda --dtype bfloat16`
+builds a randomly initialised model of that architecture for speed runs (bench/workload.py).
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,71 +41,25 @@ import torch
 import typer
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
-from sellarec.model.backbone import SMOLLM2_ALIAS, load_backbone, load_tokenizer, random_backbone, resolve
+from sellarec.bench.workload import ARCHES, build_scorer, model_dir_for_vllm, titles
+from sellarec.model import fast_path
 from sellarec.model.encoding import pad
-from sellarec.model.prompts import TemplateSpec, item_prompt, scoring_prompt, user_prompt
+from sellarec.model.prompts import item_prompt, scoring_prompt, user_prompt
 from sellarec.model.sella import SellaRec
 from sellarec.service.backends.torch_backend import TorchBackend
 
 if TYPE_CHECKING:  # vLLM is optional: imported only when --vllm asks for it
     from sellarec.service.backends.vllm_backend import VllmBackend
 
-#: Architecture sizes of the paper's family, for random-weight speed runs.
-ARCHES: dict[str, dict[str, int]] = {
-    "qwen2-0.5b": dict(
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        vocab_size=151936,
-    ),
-    "qwen2-1.5b": dict(
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        vocab_size=151936,
-    ),
-    "qwen2-7b": dict(
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-    ),
-}
-
-WORDS = (
-    "Night",
-    "Return",
-    "Summer",
-    "Blue",
-    "Stranger",
-    "Empire",
-    "Last",
-    "River",
-    "Secret",
-    "House",
-    "Dream",
-    "Fire",
-    "Road",
-    "City",
-    "Silent",
-    "Broken",
-    "Golden",
-    "Lost",
-    "Wild",
-    "Heart",
-)
+#: The size sweep of `--candidates sweep`.
+SWEEP = (1, 5, 20, 100, 500)
 
 
 @dataclass
 class Case:
-    """Numbers for one rerank size."""
+    """Numbers for one rerank size (rates: best request; p50: median request)."""
 
     #: Candidates per request.
     candidates: int
@@ -104,47 +67,45 @@ class Case:
     prefix_tokens: int
     #: Mean tokens per candidate suffix.
     suffix_tokens: float
+    #: The straightforward path (None when not run at this size).
     naive_per_s: float | None
+    naive_p50_ms: float | None
     #: The vLLM peer (None when not run).
     vllm_per_s: float | None
+    vllm_p50_ms: float | None
     engine_per_s: float
-    roofline_per_s: float
     engine_p50_ms: float
+    roofline_per_s: float
     engine_vs_naive: float | None
     engine_vs_vllm: float | None
     engine_vs_roofline: float
 
 
-def titles(n: int, seed: int) -> list[str]:
-    """Movie-like titles of realistic token lengths (1-4 words and a year)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        k = int(torch.randint(1, 5, (1,), generator=g))
-        words = [WORDS[int(i)] for i in torch.randint(0, len(WORDS), (k,), generator=g)]
-        out.append(f"The {' '.join(words)} ({1950 + int(torch.randint(0, 50, (1,), generator=g))})")
-    return out
+def matmul_flops(
+    device: torch.device, dtype: torch.dtype, size: int = 2048, reps: int = 10
+) -> dict[str, float]:
+    """Best FLOP/s of a square matmul per kernel: {"aten": ..., "onednn": ... (CPU only)}.
 
-
-def matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, reps: int = 10) -> float:
+    Best of single products: on a shared machine a preempted run only ever makes one slower.
+    """
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(3):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return reps * 2 * size**3 / best
+    kernels: dict[str, Callable[[], torch.Tensor]] = {"aten": lambda: a @ b}
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), None)
+        kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    return {name: 2 * size**3 / min(_timed(fn, device, reps)) for name, fn in kernels.items()}
 
 
 def candidate_flops(model: torch.nn.Module, prefix: int, suffix: float, n: int) -> float:
     """FLOPs of one candidate with a shared prefix (linear layers + attention + prefix / n)."""
     config = model.config.get_text_config()
     layers = config.num_hidden_layers
-    linear = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "layers." in name)
+    linear = sum(
+        m.in_features * m.out_features
+        for name, m in model.named_modules()
+        if "layers." in name and isinstance(m, nn.Linear | fast_path.PackedLinear)
+    )
     per_token = 2 * linear + 2 * 2 * config.hidden_size  # decoder linears + the two head rows
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     attn_width = config.num_attention_heads * head_dim
@@ -158,7 +119,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, device: torch.device, reps: int) -> list[float]:
+def _timed(fn: Callable[[], object], device: torch.device, reps: int) -> list[float]:
     fn()  # warm-up
     out = []
     for _ in range(reps):
@@ -194,30 +155,28 @@ def naive_scores(scorer: SellaRec, history: list[str], cands: list[str], batch: 
     return torch.cat(out)
 
 
-def build_scorer(arch: str, device: str, dtype: torch.dtype) -> SellaRec:
-    if arch == "smollm2":
-        model, tokenizer, _ = load_backbone(SMOLLM2_ALIAS, dtype=dtype, device=device)
-    else:
-        from transformers import Qwen2Config
-
-        tokenizer = load_tokenizer(SMOLLM2_ALIAS)  # ids stay below every Qwen2 vocabulary size
-        config = Qwen2Config(**ARCHES[arch], max_position_embeddings=32768, tie_word_embeddings=False)
-        model = random_backbone(config, dtype=dtype, device=device)
-    scorer = SellaRec(model, tokenizer, TemplateSpec(), collab_dim=256)
-    return scorer.to(device)
-
-
 def vllm_peer(scorer: SellaRec, arch: str, max_batch_tokens: int, work: Path) -> VllmBackend:
     """vLLM on the scorer's own backbone (its directory, or the random weights saved to `work`)."""
     from sellarec.service.backends.vllm_backend import VllmBackend, VllmOptions
 
-    if arch == "smollm2":
-        model_dir = Path(resolve(SMOLLM2_ALIAS))
-    else:
-        model_dir = work / arch
-        scorer.backbone.save_pretrained(model_dir)
-        scorer.tokenizer.save_pretrained(model_dir)
+    model_dir = model_dir_for_vllm(scorer, arch, work)
     return VllmBackend(scorer, model_dir, VllmOptions(max_model_len=1024), max_batch_tokens)
+
+
+def bind_vllm_threads(threads: int) -> str | None:
+    """Give vLLM's CPU worker `threads` cores, as the engine has, unless the caller chose.
+
+    vLLM binds its worker's OpenMP threads itself and by default keeps one core for its
+    engine process: with `--threads 2` on 2 cores it would compute on one while the engine
+    uses two. Returns the binding set here (None: left as it was).
+    """
+    if not threads or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return None
+    cores = sorted(os.sched_getaffinity(0))[:threads] if hasattr(os, "sched_getaffinity") else []
+    if len(cores) < threads:
+        return None
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cores)
+    return os.environ["VLLM_CPU_OMP_THREADS_BIND"]
 
 
 def run_case(
@@ -230,6 +189,7 @@ def run_case(
     flops: float,
     peer: VllmBackend | None = None,
 ) -> Case:
+    """Time one rerank size on every path; `scorer` is the plain model (the naive path's)."""
     device = scorer.device
     history = titles(10, seed=1)
     cands = titles(n, seed=100 + n)
@@ -244,72 +204,57 @@ def run_case(
         backend.score([prefix], user_vec, [0] * n, suffixes, item_vec)
 
     engine_times = _timed(engine, device, reps)
-    naive_rate = None
+    naive_times = None
     if naive:
         naive_times = _timed(
             lambda: naive_scores(scorer, history, cands, naive_batch), device, max(1, reps // 2)
         )
-        naive_rate = n / min(naive_times)
-    vllm_rate = None
+    vllm_times = None
     if peer is not None:
 
         def vllm_request() -> None:
             peer.llm.reset_prefix_cache()  # each timed request is new to vLLM's cache
             peer.score([prefix], user_vec, [0] * n, suffixes, item_vec)
 
-        vllm_rate = n / min(_timed(vllm_request, device, reps))
+        vllm_times = _timed(vllm_request, device, reps)
     engine_rate = n / min(engine_times)
+    naive_rate = n / min(naive_times) if naive_times else None
+    vllm_rate = n / min(vllm_times) if vllm_times else None
     roofline = flops / candidate_flops(scorer.backbone, len(prefix), suffix_len, n)
     return Case(
         candidates=n,
         prefix_tokens=len(prefix),
         suffix_tokens=round(suffix_len, 1),
         naive_per_s=naive_rate,
+        naive_p50_ms=_p50_ms(naive_times),
         vllm_per_s=vllm_rate,
+        vllm_p50_ms=_p50_ms(vllm_times),
         engine_per_s=engine_rate,
+        engine_p50_ms=_p50_ms(engine_times) or 0.0,
         roofline_per_s=roofline,
-        engine_p50_ms=1000 * statistics.median(engine_times),
         engine_vs_naive=engine_rate / naive_rate if naive_rate else None,
         engine_vs_vllm=engine_rate / vllm_rate if vllm_rate else None,
         engine_vs_roofline=engine_rate / roofline,
     )
 
 
-def bench(
-    candidates: str = typer.Option("1,20,100", help="Comma-separated rerank sizes."),
-    arch: str = typer.Option("smollm2", help="smollm2 (real weights) or " + ", ".join(ARCHES)),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
-    dtype: str = typer.Option("float32", help="float32 or bfloat16"),
-    reps: int = typer.Option(3, help="Timed repetitions per case (best is reported)."),
-    naive: bool = typer.Option(True, help="Also time the straightforward path."),
-    naive_batch: int = typer.Option(16, help="Batch size of the straightforward path."),
-    vllm: bool = typer.Option(False, help="Also time vLLM as the peer (needs the vllm or vllm-cpu extra)."),
-    max_batch_tokens: int = typer.Option(8192, help="Engine token budget per forward."),
-    threads: int = typer.Option(0, help="torch threads (0: leave torch's default)."),
-    out: Path | None = typer.Option(None, help="Write the results as JSON here."),
-) -> None:
-    """Measure candidates/s of the naive path, our engine and the roofline."""
-    if threads:
-        torch.set_num_threads(threads)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    scorer = build_scorer(arch, device, torch_dtype)
-    backend = TorchBackend(scorer, max_batch_tokens=max_batch_tokens)
-    with tempfile.TemporaryDirectory(prefix="sellarec-bench-") as work:
-        peer = vllm_peer(scorer, arch, max_batch_tokens, Path(work)) if vllm else None
-        flops = matmul_flops(scorer.device, torch_dtype)
-        cases = [
-            run_case(scorer, backend, int(n), reps, naive, naive_batch, flops, peer)
-            for n in candidates.split(",")
-        ]
-        flops_after = matmul_flops(scorer.device, torch_dtype)
-        if peer is not None:
-            peer.close()
+def _p50_ms(times: list[float] | None) -> float | None:
+    return 1000 * statistics.median(times) if times else None
 
-    table = Table(
-        title=f"{arch} {dtype} on {device}: matmul {flops / 1e9:.0f} GFLOP/s "
-        f"(after: {flops_after / 1e9:.0f}), {torch.get_num_threads()} threads"
-    )
-    for col in (
+
+def parse_sizes(candidates: str) -> list[int]:
+    """ "1,20,100" -> [1, 20, 100]; "sweep" -> SWEEP."""
+    if candidates.strip() == "sweep":
+        return list(SWEEP)
+    sizes = [int(n) for n in candidates.split(",") if n.strip()]
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter(f"positive sizes separated by commas, or 'sweep' (got {candidates!r})")
+    return sizes
+
+
+def results_table(title: str, cases: list[Case]) -> Table:
+    table = Table(title=title)
+    columns = (
         "candidates",
         "prefix tok",
         "suffix tok",
@@ -317,43 +262,107 @@ def bench(
         "vllm/s",
         "engine/s",
         "roofline/s",
+        "vllm p50 ms",
         "engine p50 ms",
         "engine/naive",
         "engine/vllm",
         "engine/roofline",
-    ):
+    )
+    for col in columns:
         table.add_column(col, justify="right")
     for c in cases:
         table.add_row(
             str(c.candidates),
             str(c.prefix_tokens),
             f"{c.suffix_tokens}",
-            f"{c.naive_per_s:.2f}" if c.naive_per_s else "-",
-            f"{c.vllm_per_s:.2f}" if c.vllm_per_s else "-",
+            _fmt(c.naive_per_s),
+            _fmt(c.vllm_per_s),
             f"{c.engine_per_s:.2f}",
             f"{c.roofline_per_s:.2f}",
+            _fmt(c.vllm_p50_ms, "{:.0f}"),
             f"{c.engine_p50_ms:.0f}",
-            f"{c.engine_vs_naive:.1f}x" if c.engine_vs_naive else "-",
-            f"{c.engine_vs_vllm:.1f}x" if c.engine_vs_vllm else "-",
+            _fmt(c.engine_vs_naive, "{:.1f}x"),
+            _fmt(c.engine_vs_vllm, "{:.2f}x"),
             f"{c.engine_vs_roofline:.0%}",
         )
-    Console(width=160).print(table)
+    return table
+
+
+def _fmt(value: float | None, pattern: str = "{:.2f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def bench(
+    candidates: str = typer.Option("1,20,100", help="Rerank sizes (1,20,100), or 'sweep': 1,5,20,100,500."),
+    arch: str = typer.Option("smollm2", help="smollm2 (real weights) or " + ", ".join(ARCHES)),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16"),
+    reps: int = typer.Option(3, help="Timed repetitions per case (best is reported)."),
+    naive: bool = typer.Option(True, help="Also time the straightforward path."),
+    naive_batch: int = typer.Option(16, help="Batch size of the straightforward path."),
+    naive_max: int = typer.Option(
+        100, help="Largest size the straightforward path runs at (it does not share: its rate is flat)."
+    ),
+    vllm: bool = typer.Option(False, help="Also time vLLM as the peer (needs the vllm or vllm-cpu extra)."),
+    max_batch_tokens: int = typer.Option(8192, help="Engine token budget per forward."),
+    threads: int = typer.Option(0, help="torch threads, and vLLM's on CPU (0: leave the defaults)."),
+    cpu_fast_path: bool = typer.Option(True, help="Engine on CPU fp32: linears on packed oneDNN weights."),
+    tokenizer: str = typer.Option("auto", help="Random archs: smollm2, builtin, auto (smollm2 if cached)."),
+    out: Path | None = typer.Option(None, help="Write the results as JSON here."),
+    plot: Path | None = typer.Option(None, help="Draw candidates/s and p50 against size into this image."),
+) -> None:
+    """Measure candidates/s of the naive path, our engine, vLLM and the roofline."""
+    sizes = parse_sizes(candidates)
+    if threads:
+        torch.set_num_threads(threads)
+    vllm_binding = bind_vllm_threads(threads) if vllm and device == "cpu" else None
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    scorer, tokenizer_name = build_scorer(arch, device, torch_dtype, tokenizer)
+    # The fast path packs the engine's model in place; the straightforward path keeps the
+    # plain one, as a straightforward implementation would have it.
+    packs = cpu_fast_path and fast_path.supported(scorer.device, scorer.dtype)
+    engine_scorer = copy.deepcopy(scorer) if packs and naive else scorer
+    backend = TorchBackend(engine_scorer, max_batch_tokens=max_batch_tokens, cpu_fast_path=cpu_fast_path)
+    with tempfile.TemporaryDirectory(prefix="sellarec-bench-") as work:
+        # vLLM's backend builds a torch backend for distillation: give it the engine's model.
+        peer = vllm_peer(engine_scorer, arch, max_batch_tokens, Path(work)) if vllm else None
+        kernels = matmul_flops(scorer.device, torch_dtype)
+        flops = max(kernels.values())
+        cases = [
+            run_case(scorer, backend, n, reps, naive and n <= naive_max, naive_batch, flops, peer)
+            for n in sizes
+        ]
+        kernels_after = matmul_flops(scorer.device, torch_dtype)
+        if peer is not None:
+            peer.close()
+
+    engine_kind = "fast path" if backend.fast_path.active else "plain"
+    title = (
+        f"{arch} {dtype} on {device}, {torch.get_num_threads()} threads, engine: {engine_kind}; "
+        "matmul GFLOP/s "
+        + ", ".join(f"{k} {v / 1e9:.0f} (after: {kernels_after[k] / 1e9:.0f})" for k, v in kernels.items())
+    )
+    Console(width=170).print(results_table(title, cases))
+    record = {
+        "arch": arch,
+        "device": device,
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "tokenizer": tokenizer_name,
+        "engine_fast_path": backend.fast_path.active,
+        "vllm_threads_bind": vllm_binding or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
+        "matmul_flops": flops,
+        "matmul_flops_by_kernel": kernels,
+        "matmul_flops_after": max(kernels_after.values()),
+        "cases": [asdict(c) for c in cases],
+    }
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(
-            json.dumps(
-                {
-                    "arch": arch,
-                    "device": device,
-                    "dtype": dtype,
-                    "threads": torch.get_num_threads(),
-                    "matmul_flops": flops,
-                    "matmul_flops_after": flops_after,
-                    "cases": [asdict(c) for c in cases],
-                },
-                indent=2,
-            )
-        )
+        out.write_text(json.dumps(record, indent=2))
+    if plot:
+        from sellarec.bench.plot import plot_sweep
+
+        plot_sweep(record["cases"], title, plot)
 
 
 def main() -> None:

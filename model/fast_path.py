@@ -1,0 +1,198 @@
+"""The CPU fast path: the decoder's linear layers on oneDNN with weights packed once.
+
+Why: on CPU, `nn.Linear` runs `aten::mm` through MKL's sgemm, which on the AMD machines
+here takes a generic code path: 100 GFLOP/s per core where oneDNN's JIT kernels reach
+230 (measured, docs/performance.md). vLLM's CPU backend wins single-candidate requests for
+that reason alone: it packs its weights for oneDNN at load. This module does the same in
+plain PyTorch, through the kernels that `torch.compile`'s own CPU freezing pass emits
+(`mkldnn::_reorder_linear_weight` once, `mkldnn::_linear_pointwise` per call), and fuses
+the SwiGLU gate (`silu(gate(x)) * up(x)`) into two oneDNN post-ops.
+
+Serving only: the model is frozen and its LoRA merged. Packing happens in place (no second
+copy of the weights); `state_dict()` still yields the dense `weight` of every packed
+layer, so `save_pretrained` and the vLLM export keep working. `enable` checks the packed
+decoder against the plain one on a short probe and undoes itself if they disagree, so an
+architecture this was not written for falls back to the plain path instead of scoring
+wrongly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: Largest relative difference (to the probe's largest hidden value) that counts as the same forward.
+PROBE_TOLERANCE = 1e-4
+
+
+def supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """True where the fast path applies: CPU, float32, a PyTorch built with oneDNN."""
+    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+class PackedLinear(nn.Module):
+    """`nn.Linear` whose weight lives in oneDNN's blocked layout, packed once at load."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features = int(weight.shape[1])
+        self.out_features = int(weight.shape[0])
+        #: The weight, reordered for oneDNN (an opaque `_mkldnn` tensor; dense again in state_dict).
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> PackedLinear:
+        return cls(linear.weight, linear.bias)
+
+    def to_linear(self) -> nn.Linear:
+        """The plain layer again (undo)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear.weight = nn.Parameter(self.packed.to_dense(), requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach(), requires_grad=False)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
+
+    # The checkpoint format stays that of nn.Linear: a dense `weight` (and `bias`).
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.packed.to_dense()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        weight = state_dict.get(prefix + "weight")
+        if weight is None:
+            missing_keys.append(prefix + "weight")
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), None)
+        if self.bias is not None:
+            if prefix + "bias" in state_dict:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[prefix + "bias"])
+            else:
+                missing_keys.append(prefix + "bias")
+
+
+class PackedSwiGLU(nn.Module):
+    """`down(silu(gate(x)) * up(x))` (Llama, Qwen2, Mistral MLPs) with the gate fused into oneDNN.
+
+    The gate GEMM applies `silu` as a post-op and the up GEMM multiplies by it as a binary
+    post-op, so the two [tokens, intermediate] element-wise passes never touch memory.
+    The children keep the original names: the state_dict keys do not change.
+    """
+
+    def __init__(self, gate_proj: PackedLinear, up_proj: PackedLinear, down_proj: PackedLinear) -> None:
+        super().__init__()
+        self.gate_proj = gate_proj
+        self.up_proj = up_proj
+        self.down_proj = down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj, self.up_proj
+        act = torch.ops.mkldnn._linear_pointwise(x, gate.packed, gate.bias, "swish", [], "")
+        hidden = torch.ops.mkldnn._linear_pointwise.binary(x, act, up.packed, up.bias, "mul")
+        return self.down_proj(hidden)
+
+
+@dataclass
+class FastPath:
+    """What `enable` did to a decoder."""
+
+    #: Linear layers now on packed weights.
+    linears: int = 0
+    #: Gated MLPs now fused.
+    mlps: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.linears > 0
+
+
+_SWIGLU = ("gate_proj", "up_proj", "down_proj")
+
+
+def _is_swiglu(module: nn.Module) -> bool:
+    if not all(type(getattr(module, n, None)) is nn.Linear for n in _SWIGLU):
+        return False
+    if set(dict(module.named_children())) - {*_SWIGLU, "act_fn"}:
+        return False  # something else happens inside: leave it to its own forward
+    act = getattr(module, "act_fn", None)
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def _pack(module: nn.Module, fuse_mlp: bool) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Replace in place, top down; returns (parent, name, original) for every replacement."""
+    replaced = []
+    for name, child in list(module.named_children()):
+        if fuse_mlp and _is_swiglu(child):
+            packed = (PackedLinear.from_linear(getattr(child, n)) for n in _SWIGLU)
+            setattr(module, name, PackedSwiGLU(*packed))
+        elif type(child) is nn.Linear:
+            setattr(module, name, PackedLinear.from_linear(child))
+        else:
+            replaced += _pack(child, fuse_mlp)
+            continue
+        replaced.append((module, name, child))
+    return replaced
+
+
+def _probe(decoder: nn.Module, width: int) -> torch.Tensor:
+    embeds = torch.randn(2, 16, width, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        return decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state.float()
+
+
+def enable(decoder: nn.Module, hidden_size: int, fuse_mlp: bool = True) -> FastPath:
+    """Pack the decoder's linear layers in place; checked on a probe, undone if it disagrees.
+
+    The original layers (and their dense weights) are let go once the probe passes, so
+    memory does not grow. Packing an already packed decoder finds nothing to do.
+    `fuse_mlp=False` packs the MLPs' three layers one by one (for comparisons).
+    """
+    want = _probe(decoder, hidden_size)
+    replaced = _pack(decoder, fuse_mlp)
+    if not replaced:
+        return FastPath()
+    try:
+        got = _probe(decoder, hidden_size)
+        error = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
+        problem = None if error <= PROBE_TOLERANCE else f"it differs by {error:.2e} on a probe"
+    except Exception as err:  # noqa: BLE001 - any failure means: not an architecture this fits
+        problem = f"it failed on a probe ({err})"
+    if problem:
+        for parent, name, original in reversed(replaced):
+            setattr(parent, name, original)
+        log.warning("CPU fast path not used: %s", problem)
+        return FastPath()
+    done = FastPath(
+        linears=sum(3 if isinstance(m, PackedSwiGLU) else 1 for m in _modules(replaced)),
+        mlps=sum(isinstance(m, PackedSwiGLU) for m in _modules(replaced)),
+    )
+    log.info("CPU fast path: %d linear layers packed for oneDNN, %d MLPs fused", done.linears, done.mlps)
+    return done
+
+
+def _modules(replaced: list[tuple[nn.Module, str, nn.Module]]) -> list[nn.Module]:
+    return [getattr(parent, name) for parent, name, _ in replaced]

@@ -1,0 +1,153 @@
+"""The benchmark tools: size sweep, tokenizer without downloads, thread binding, plot, GPU check."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from sellarec.bench import workload
+from sellarec.bench.cli import SWEEP, bench, bind_vllm_threads, matmul_flops, parse_sizes
+from sellarec.bench.gpu_check import check, spearman
+from sellarec.bench.plot import plot_sweep
+from sellarec.model.encoding import PromptEncoder
+from sellarec.model.prompts import TemplateSpec, item_prompt, user_prompt
+from sellarec.model.scoring import answer_token_ids
+
+ROOT = Path(__file__).parents[1]
+PNG = b"\x89PNG"
+
+
+def _app(command) -> typer.Typer:
+    app = typer.Typer()
+    app.command()(command)
+    return app
+
+
+def test_sweep_is_the_issues_sizes():
+    assert parse_sizes("sweep") == list(SWEEP) == [1, 5, 20, 100, 500]
+    assert parse_sizes("1,20,100") == [1, 20, 100]
+    with pytest.raises(typer.BadParameter):
+        parse_sizes("0,5")
+
+
+def test_builtin_tokenizer_needs_no_files_and_gives_prompts_their_usual_length():
+    tokenizer = workload.builtin_tokenizer.__wrapped__()
+    again = workload.builtin_tokenizer.__wrapped__()
+    assert tokenizer.get_vocab() == again.get_vocab()  # deterministic
+    encoder = PromptEncoder(tokenizer)
+    spec = TemplateSpec()
+    prefix = encoder.segments(user_prompt(spec, workload.titles(10, seed=1)), lead=True)
+    suffixes = [encoder.segments(item_prompt(spec, t)) for t in workload.titles(50, seed=3)]
+    assert 150 <= len(prefix) <= 210  # SmolLM2's tokenizer: 177
+    assert 14 <= sum(map(len, suffixes)) / len(suffixes) <= 22  # SmolLM2's: 18.6
+    yes, no = answer_token_ids(tokenizer, spec.answer_cue)
+    assert yes != no
+    text = "千と千尋の神隠し (2001), Amélie"
+    assert tokenizer.decode(tokenizer(text).input_ids) == text  # byte-level: any text encodes
+
+
+def test_auto_tokenizer_is_smollm2_only_when_cached(monkeypatch):
+    monkeypatch.setattr(workload, "smollm2_cached", lambda: False)
+    assert workload.bench_tokenizer("auto")[1] == "builtin"
+    with pytest.raises(ValueError, match="unknown tokenizer"):
+        workload.bench_tokenizer("gpt2")
+
+
+def test_vllm_gets_the_engines_thread_count_unless_told(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    assert bind_vllm_threads(0) is None and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+    first = min(os.sched_getaffinity(0))
+    assert bind_vllm_threads(1) == str(first) == os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    assert bind_vllm_threads(2) is None and os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+
+
+def test_roofline_takes_the_faster_kernel_on_cpu():
+    kernels = matmul_flops(torch.device("cpu"), torch.float32, size=128, reps=2)
+    assert set(kernels) == {"aten", "onednn"} and min(kernels.values()) > 0
+
+
+def test_plot_draws_the_paths_that_have_numbers(tmp_path):
+    cases = [
+        dict(
+            candidates=n,
+            engine_per_s=10.0 * n**0.5,
+            engine_p50_ms=50.0 * n**0.5,
+            roofline_per_s=20.0 * n**0.5,
+        )
+        | dict(naive_per_s=1.0, naive_p50_ms=1000.0 * n, vllm_per_s=None, vllm_p50_ms=None)
+        for n in SWEEP
+    ]
+    path = plot_sweep(cases, "test", tmp_path / "figures" / "bench.png")
+    assert path.read_bytes()[:4] == PNG
+
+
+def test_spearman_of_a_ranking_and_its_reverse():
+    a = torch.tensor([0.1, 0.5, 0.3, 0.9])
+    assert spearman(a, a * 2) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+
+
+def test_bench_runs_every_path_on_a_tiny_model(tmp_path):
+    out, figure = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = ["--arch", "tiny", "--tokenizer", "builtin", "--candidates", "1,5", "--reps", "1"]
+    result = CliRunner().invoke(
+        _app(bench), [*args, "--naive-max", "1", "--out", str(out), "--plot", str(figure)]
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert record["engine_fast_path"] and record["tokenizer"] == "builtin"
+    assert set(record["matmul_flops_by_kernel"]) == {"aten", "onednn"}
+    one, five = record["cases"]
+    assert one["naive_per_s"] > 0 and five["naive_per_s"] is None  # --naive-max 1
+    assert one["engine_per_s"] > 0 and five["engine_vs_roofline"] > 0
+    assert figure.read_bytes()[:4] == PNG
+
+
+def test_gpu_check_smoke_runs_on_the_cpu(tmp_path):
+    result = CliRunner().invoke(_app(check), ["--smoke", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["agreement"]["passed"]
+    assert report["agreement"]["fp32_engine_max_diff"] <= 1e-4
+    cases = report["speed"]["tiny"]
+    assert [c["candidates"] for c in cases] == [5, 20]
+    assert all(c["engine_per_s"] > 0 and c["naive_per_s"] > 0 for c in cases)
+    assert (tmp_path / "gpu-tiny.png").read_bytes()[:4] == PNG
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_gpu_script_says_so_when_there_is_no_gpu(tmp_path):
+    env = os.environ | {"PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts/perf/gpu_check.sh"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 2
+    assert "sees no CUDA GPU" in done.stderr and "--smoke" in done.stderr
+
+
+@pytest.mark.slow
+def test_gpu_script_smoke_run_writes_its_results(tmp_path):
+    env = os.environ | {"PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts/perf/gpu_check.sh"), str(tmp_path), "--smoke"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["agreement"]["passed"]
+    assert "PASS" in (tmp_path / "gpu_check.log").read_text()
