@@ -14,10 +14,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from sellarec.model.backbone import SMOLLM2_ALIAS, cache_dir, load_backbone, load_tokenizer
+from sellarec.model.backbone import SMOLLM2_ALIAS, cache_dir, load_backbone, load_tokenizer, random_backbone
 from sellarec.model.prompts import TemplateSpec, distillation_prompt, scoring_prompt
 from sellarec.model.sella import SellaRec
 
@@ -146,10 +146,7 @@ def bench_tokenizer(kind: str = "auto") -> tuple[PreTrainedTokenizerBase, str]:
 def random_model(arch: str, dtype: torch.dtype, device: str | torch.device, seed: int = 0) -> PreTrainedModel:
     """A randomly initialised Qwen2 of size `arch`, allocated and initialised on `device`."""
     config = Qwen2Config(**ARCHES[arch], max_position_embeddings=32768, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    return model.eval().requires_grad_(False)
+    return random_backbone(config, seed=seed, dtype=dtype, device=device)
 
 
 def build_scorer(arch: str, device: str, dtype: torch.dtype, tokenizer: str = "auto") -> tuple[SellaRec, str]:

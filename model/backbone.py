@@ -171,8 +171,9 @@ def random_backbone(
 ) -> PreTrainedModel:
     """A randomly initialised causal LM of any HF architecture (tests, speed benchmarks)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    return model.to(device).eval().requires_grad_(False)
+    with torch.device(device):  # allocated where it runs: a 7B-size model never passes through host memory
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval().requires_grad_(False)
 
 
 def _checked(path: str) -> str:

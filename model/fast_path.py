@@ -171,6 +171,8 @@ def enable(decoder: nn.Module, hidden_size: int, fuse_mlp: bool = True) -> FastP
     memory does not grow. Packing an already packed decoder finds nothing to do.
     `fuse_mlp=False` packs the MLPs' three layers one by one (for comparisons).
     """
+    if not any(isinstance(m, nn.Linear) for m in decoder.modules()):
+        return FastPath()  # already packed (a second backend on the same scorer): no probe forwards
     want = _probe(decoder, hidden_size)
     replaced = _pack(decoder, fuse_mlp)
     if not replaced:

@@ -109,6 +109,15 @@ def test_packing_twice_finds_nothing_to_do():
     assert not fast_path.enable(model.get_decoder(), model.config.hidden_size).active
 
 
+def test_packing_an_already_packed_decoder_runs_no_probe(monkeypatch):
+    model = random_backbone(factories.tiny_qwen2_config())
+    assert fast_path.enable(model.get_decoder(), model.config.hidden_size).active
+    probes = []
+    monkeypatch.setattr(fast_path, "_probe", lambda *args: probes.append(args))
+    assert not fast_path.enable(model.get_decoder(), model.config.hidden_size).active
+    assert probes == []
+
+
 def test_not_applied_with_an_unmerged_lora_in_bf16_or_when_off(tiny_bundle_dir, tiny_backbone_dir):
     unmerged = load_scorer(tiny_bundle_dir, merge_adapter=False).scorer
     assert not TorchBackend(unmerged).fast_path.active
