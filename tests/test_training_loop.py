@@ -183,3 +183,61 @@ def test_a_broken_stage_loss_reaches_the_caller(stage, tiny_backbone_dir, tmp_pa
             _train_stage1(tiny_backbone_dir, tmp_path)
         else:
             _train_stage3(tiny_backbone_dir)
+
+
+def _rates(schedule: str | None, warmup: int | None, steps: int) -> list[float]:
+    model, optimizer = _linear()
+    scheduler = loop.lr_scheduler(optimizer, schedule, warmup, steps)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    return rates
+
+
+def test_unset_schedule_keeps_the_rate_constant():
+    assert _rates(None, 4, 10) == [0.5] * 10
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero_by_the_last_step():
+    rates = _rates("cosine", 4, 20)
+    assert rates[:5] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])  # linear warm-up to the peak
+    assert all(a > b for a, b in zip(rates[4:], rates[5:], strict=False))  # then strictly down
+    assert rates[-1] < 0.01 * 0.5
+    assert _rates("cosine", None, 10)[0] == pytest.approx(0.5)  # no warm-up: starts at the peak
+
+
+def test_an_unknown_schedule_is_refused():
+    _, optimizer = _linear()
+    with pytest.raises(ValueError, match="lr_schedule"):
+        loop.lr_scheduler(optimizer, "step", 0, 10)
+
+
+def test_stage3_runs_its_schedule_over_exactly_its_steps(tiny_backbone_dir, monkeypatch):
+    seen = {}
+    real = loop.lr_scheduler
+
+    def spy(optimizer, schedule, warmup, steps):
+        seen.update(schedule=schedule, warmup=warmup, steps=steps)
+        seen["scheduler"] = real(optimizer, schedule, warmup, steps)
+        seen["optimizer"] = optimizer
+        return seen["scheduler"]
+
+    monkeypatch.setattr(stage3, "lr_scheduler", spy)
+    torch.manual_seed(0)
+    model, tok, info = load_backbone(str(tiny_backbone_dir))
+    scorer = SellaRec(
+        model,
+        tok,
+        TemplateSpec(),
+        proj_c=CollabProjector(8, info.hidden_size),
+        proj_w=SemanticProjector(info.hidden_size),
+    )
+    tables = stage3.SoftInputTables(torch.randn(5, 8), torch.randn(10, 8), torch.randn(10, info.hidden_size))
+    cfg = Stage3Config(batch_size=2, epochs=2, lr=1e-2, lr_schedule="cosine", warmup_steps=1)
+    metrics = stage3.train_stage3(scorer, tables, _frame(), cfg, 0, progress=False)
+    assert seen["schedule"] == "cosine" and seen["warmup"] == 1
+    assert seen["steps"] == len(metrics["losses"])  # the count matches the batches actually run
+    assert seen["optimizer"].param_groups[0]["lr"] < 1e-2 * 0.01  # decayed to ~0 at the end

@@ -63,6 +63,26 @@ class TrainingRun:
         )
 
 
+#: Learning-rate schedules a stage may name (None: constant).
+SCHEDULES = ("cosine",)
+
+
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str | None, warmup: int | None, steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """None for a constant rate; "cosine": linear warm-up, then cosine decay to 0 at `steps`."""
+    if schedule is None:
+        return None
+    if schedule not in SCHEDULES:
+        raise ValueError(f"lr_schedule: one of {SCHEDULES} or unset, not {schedule!r}")
+    warmup = min(max(int(warmup or 0), 0), max(steps - 1, 0))
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps - warmup, 1))
+    if warmup == 0:
+        return decay
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, decay], milestones=[warmup])
+
+
 def run_epochs(
     name: str,
     epochs: int,

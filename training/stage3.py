@@ -9,6 +9,8 @@ path (tested), a fraction of the backward.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import torch
@@ -23,7 +25,7 @@ from sellarec.model.prompts import Slot, TemplateSpec
 from sellarec.model.sella import SellaRec
 from sellarec.training.batches import grouped_batches, row_prompts, split_before_first_slot
 from sellarec.training.config import Stage3Config
-from sellarec.training.loop import run_epochs
+from sellarec.training.loop import lr_scheduler, run_epochs
 from sellarec.training.prefix import SharedHead
 
 
@@ -141,6 +143,9 @@ def train_stage3(
         )
         return loss * (len(local) / batch_size)
 
+    # Steps of the whole run, counted on a copy of the generator (the order is unchanged).
+    count = copy.deepcopy(rng)
+    steps = sum(len(grouped_batches(heads, lengths, cfg.batch_size, count)) for _ in range(cfg.epochs))
     run = run_epochs(
         "stage3",
         cfg.epochs,
@@ -148,6 +153,7 @@ def train_stage3(
         batch_loss,
         optimizer,
         params,
+        lr_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_steps, steps),
         progress=progress,
     )
     for m in projections:
