@@ -132,7 +132,7 @@ class Stage3Config:
     #: direction is learned); "free" is the paper-literal unconstrained output (ablation).
     soft_token_scale: str = "backbone"
     #: Learning-rate schedule (choice): None keeps it constant; "cosine" warms up linearly over
-    #: `warmup_steps` optimiser steps, then decays to 0 by the last step (CoLLM's recipe).
+    #: `warmup_steps` optimiser steps, then decays to 0 by the last step.
     lr_schedule: str | None = None
     #: Optimiser steps of linear warm-up under the "cosine" schedule (None: none).
     warmup_steps: int | None = None

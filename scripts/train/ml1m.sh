@@ -6,9 +6,9 @@
 # Two single-threaded workers run side by side (one per core):
 #   A: MF, TALLRec, CoLLM and SeLLa-Rec at seed 0 in RUNS/ml1m, then the paper-literal soft-token
 #      scale (RUNS/ml1m-free: SeLLa-Rec with stage3.soft_token_scale=free, reusing the stage-1/2
-#      caches), then the SeLLa ablations (SeLLa-Proj, SeLLa-Warm, SeLLa-UI);
+#      caches), then the SeLLa ablations SeLLa-Proj and SeLLa-Warm;
 #   B: zero-shot, then MF, CoLLM and SeLLa-Rec again at seeds 1 and 2 (RUNS/ml1m-seed1,
-#      RUNS/ml1m-seed2: the training noise).
+#      RUNS/ml1m-seed2: the training noise), then the ablation SeLLa-UI.
 # Then `sellarec-train report` writes docs/results.md and docs/figures/. CONFIG overrides the
 # configuration (default training/configs/ml1m.yaml; its data paths are relative to it).
 set -euo pipefail
@@ -23,7 +23,7 @@ worker_a() {
   "$train" run mf tallrec collm sellarec --config "$config" --out "$runs/ml1m" --no-progress
   CONFIG=$config "$root/scripts/train/sweep.sh" "$runs/ml1m" "$runs/ml1m-free" sellarec -- \
     --set stage3.soft_token_scale=free --no-progress
-  "$train" run sella-proj sella-warm sella-ui --config "$config" --out "$runs/ml1m" --no-progress
+  "$train" run sella-proj sella-warm --config "$config" --out "$runs/ml1m" --no-progress
 }
 
 worker_b() {
@@ -32,6 +32,8 @@ worker_b() {
   for seed in 1 2; do
     "$train" run mf collm sellarec --config "$config" --out "$runs/ml1m-seed$seed" --seed "$seed" --no-progress
   done
+  # The last ablation evens the two workers' loads (its stage-1/2 caches are A's, by then built).
+  "$train" run sella-ui --config "$config" --out "$runs/ml1m" --no-progress
 }
 
 echo "$(stamp) start: $runs (config $config)"

@@ -19,6 +19,8 @@ PAPER_SETTINGS: dict[str, str] = {
     "stage1.budget": "the whole train split, full epochs",
     "prompt.history_length": "10",
     "stage3.budget": "the whole train split, full epochs",
+    "stage3.lr": "not stated (CoLLM's configs: 1e-4)",
+    "stage3.lr_schedule": "not stated",
     "stage3.soft_token_scale": "free (the projection's output as is)",
 }
 
@@ -102,6 +104,9 @@ def _ours(cfg: dict, key: str) -> str:
         return f"{rows}, {cfg[section].get('epochs', 1)} epoch(s)"
     if name == "warmup_steps":
         return "none" if not value else f"{value} steps"
+    if name == "lr_schedule":
+        warmup = cfg[section].get("warmup_steps")
+        return "constant" if not value else f"{value}, {warmup or 0} warm-up steps"
     return "-" if value is None else str(value)
 
 
