@@ -187,7 +187,7 @@ def test_a_broken_stage_loss_reaches_the_caller(stage, tiny_backbone_dir, tmp_pa
 
 def _rates(schedule: str | None, warmup: int | None, steps: int) -> list[float]:
     model, optimizer = _linear()
-    scheduler = loop.lr_scheduler(optimizer, schedule, warmup, steps)
+    scheduler = loop.lr_scheduler(optimizer, schedule, warmup, lambda: steps)
     rates = []
     for _ in range(steps):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -198,7 +198,22 @@ def _rates(schedule: str | None, warmup: int | None, steps: int) -> list[float]:
 
 
 def test_unset_schedule_keeps_the_rate_constant():
-    assert _rates(None, 4, 10) == [0.5] * 10
+    assert _rates(None, None, 10) == [0.5] * 10
+
+
+def test_warm_up_alone_ramps_then_holds_the_rate_as_stage1_did():
+    # Stage 1's former LambdaLR: factor min(1, (step + 1) / (warmup + 1)).
+    expected = [0.5 * min(1.0, (k + 1) / 5) for k in range(10)]
+    assert _rates(None, 4, 10) == pytest.approx(expected)
+
+
+def test_steps_are_counted_only_for_a_decaying_schedule():
+    _, optimizer = _linear()
+    counted = []
+    loop.lr_scheduler(optimizer, None, 4, lambda: counted.append(1) or 10)
+    assert counted == []
+    loop.lr_scheduler(optimizer, "cosine", 4, lambda: counted.append(1) or 10)
+    assert counted == [1]
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero_by_the_last_step():
@@ -212,7 +227,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero_by_the_last_step():
 def test_an_unknown_schedule_is_refused():
     _, optimizer = _linear()
     with pytest.raises(ValueError, match="lr_schedule"):
-        loop.lr_scheduler(optimizer, "step", 0, 10)
+        loop.lr_scheduler(optimizer, "step", 0, lambda: 10)
 
 
 def test_stage3_runs_its_schedule_over_exactly_its_steps(tiny_backbone_dir, monkeypatch):
@@ -220,7 +235,7 @@ def test_stage3_runs_its_schedule_over_exactly_its_steps(tiny_backbone_dir, monk
     real = loop.lr_scheduler
 
     def spy(optimizer, schedule, warmup, steps):
-        seen.update(schedule=schedule, warmup=warmup, steps=steps)
+        seen.update(schedule=schedule, warmup=warmup, steps=steps())
         seen["scheduler"] = real(optimizer, schedule, warmup, steps)
         seen["optimizer"] = optimizer
         return seen["scheduler"]

@@ -131,10 +131,10 @@ class Stage3Config:
     #: projected vector to the median norm of the backbone's token embeddings (only its
     #: direction is learned); "free" is the paper-literal unconstrained output (ablation).
     soft_token_scale: str = "backbone"
-    #: Learning-rate schedule (choice): None keeps it constant; "cosine" warms up linearly over
-    #: `warmup_steps` optimiser steps, then decays to 0 by the last step.
+    #: Learning-rate schedule after the warm-up (choice): None holds the rate; "cosine" decays
+    #: it to 0 by the last step.
     lr_schedule: str | None = None
-    #: Optimiser steps of linear warm-up under the "cosine" schedule (None: none).
+    #: Optimiser steps of linear warm-up from 0, as in stage 1 (None: none).
     warmup_steps: int | None = None
 
 

@@ -63,23 +63,31 @@ class TrainingRun:
         )
 
 
-#: Learning-rate schedules a stage may name (None: constant).
+#: Learning-rate schedules a stage may name (None: constant after the warm-up).
 SCHEDULES = ("cosine",)
 
 
 def lr_scheduler(
-    optimizer: torch.optim.Optimizer, schedule: str | None, warmup: int | None, steps: int
+    optimizer: torch.optim.Optimizer,
+    schedule: str | None,
+    warmup: int | None,
+    steps: Callable[[], int],
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """None for a constant rate; "cosine": linear warm-up, then cosine decay to 0 at `steps`."""
-    if schedule is None:
-        return None
-    if schedule not in SCHEDULES:
+    """Linear warm-up over `warmup` steps (none if unset), then the rate held (`schedule` None)
+    or decayed along a cosine to 0 at the last of `steps()` (counted only when it is needed)."""
+    if schedule is not None and schedule not in SCHEDULES:
         raise ValueError(f"lr_schedule: one of {SCHEDULES} or unset, not {schedule!r}")
-    warmup = min(max(int(warmup or 0), 0), max(steps - 1, 0))
-    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps - warmup, 1))
-    if warmup == 0:
+    warmup = max(int(warmup or 0), 0)
+    ramp = None
+    if warmup:  # factor (k + 1) / (warmup + 1) at step k, then 1
+        ramp = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / (warmup + 1), total_iters=warmup)
+    if schedule is None:
+        return ramp
+    total = steps()
+    warmup = min(warmup, max(total - 1, 0))
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))
+    if ramp is None or warmup == 0:
         return decay
-    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, decay], milestones=[warmup])
 
 

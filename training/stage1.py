@@ -21,7 +21,7 @@ from sellarec.model.sella import SellaRec
 from sellarec.training.batches import row_prompts, training_batches
 from sellarec.training.config import Stage1Config
 from sellarec.training.distributed import world
-from sellarec.training.loop import run_epochs
+from sellarec.training.loop import lr_scheduler, run_epochs
 
 log = logging.getLogger("sellarec.train")
 
@@ -46,8 +46,6 @@ def train_stage1(
     labels = torch.tensor(train["label"].to_numpy(), dtype=torch.float32)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    warmup = max(int(cfg.warmup_steps or 0), 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
     rng = np.random.default_rng(seed)
     lengths = [len(e) for e in encoded]
 
@@ -63,7 +61,7 @@ def train_stage1(
         batch_loss,
         optimizer,
         params,
-        scheduler,
+        lr_scheduler(optimizer, None, cfg.warmup_steps, lambda: 0),  # warm-up, then constant
         progress,
     )
     if w.main:

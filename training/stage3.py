@@ -143,9 +143,10 @@ def train_stage3(
         )
         return loss * (len(local) / batch_size)
 
-    # Steps of the whole run, counted on a copy of the generator (the order is unchanged).
-    count = copy.deepcopy(rng)
-    steps = sum(len(grouped_batches(heads, lengths, cfg.batch_size, count)) for _ in range(cfg.epochs))
+    def steps() -> int:  # for a decaying schedule: counted on a copy of the generator (order unchanged)
+        count = copy.deepcopy(rng)
+        return sum(len(grouped_batches(heads, lengths, cfg.batch_size, count)) for _ in range(cfg.epochs))
+
     run = run_epochs(
         "stage3",
         cfg.epochs,

@@ -106,7 +106,7 @@ def _ours(cfg: dict, key: str) -> str:
         return "none" if not value else f"{value} steps"
     if name == "lr_schedule":
         warmup = cfg[section].get("warmup_steps")
-        return "constant" if not value else f"{value}, {warmup or 0} warm-up steps"
+        return f"{value or 'constant'}" + (f" after {warmup} warm-up steps" if warmup else "")
     return "-" if value is None else str(value)
 
 
