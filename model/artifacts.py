@@ -171,7 +171,10 @@ class Bundle:
         """The trained projections, frozen on `device` (None where the prompt has no slot)."""
         backbone = self.manifest.backbone
         llm_dim = self.manifest.llm_dim or (backbone.hidden_size if backbone else 0)
-        return load_projections(self.tensors, llm_dim, device)
+        try:
+            return load_projections(self.tensors, llm_dim, device)
+        except ValueError as e:  # a scale out of range (model.collab): the bundle is not usable
+            raise ArtifactError(f"{self.path}: projection weights: {e}") from e
 
 
 def sha256_file(path: Path) -> str:

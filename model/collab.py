@@ -65,6 +65,8 @@ class _Projector(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002
         # Bundles and stage-2 projections written before the norm existed: free scale.
         norm = state_dict.setdefault(prefix + "out_norm", torch.tensor(0.0))
+        if norm.numel() != 1 or not bool(torch.isfinite(norm).all()) or float(norm) < 0:
+            raise ValueError(f"{prefix}out_norm must be one finite number >= 0, not {norm.tolist()}")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._norm = float(norm)
 
@@ -92,11 +94,36 @@ class CollabProjector(_Projector):
 
 
 class SemanticProjector(_Projector):
-    """Proj W->L: Linear(d_L, d_L) on the distilled item semantics, randomly initialised."""
+    """Proj W->L: Linear(d_L, d_L) on the distilled item semantics, randomly initialised.
 
-    def __init__(self, llm_dim: int, out_norm: float = 0.0) -> None:
+    `in_scale` multiplies the semantics before the linear layer (1 = the paper's raw input).
+    Design decision (stage3.semantic_scale = "unit"): the distilled semantics are final hidden
+    states, of norm about 48 on SmolLM2 against about 2.5 for the MF vectors Proj C->L reads.
+    Adam moves every weight by about the learning rate per step whatever its input's scale,
+    so on inputs of that norm one step of Proj W->L moves `<Warm_ID>` by about as much as its
+    whole initial value: the token the frozen LLM reads jumps from step to step. Scaled to a
+    unit median norm, its steps are as large as Proj C->L's. The scale is a buffer, so the
+    service applies it to the semantics it distills for new items too.
+    """
+
+    in_scale: torch.Tensor
+
+    def __init__(self, llm_dim: int, out_norm: float = 0.0, in_scale: float = 1.0) -> None:
         super().__init__(out_norm)
         self.net = nn.Linear(llm_dim, llm_dim)
+        self.register_buffer("in_scale", torch.tensor(float(in_scale)))
+        self._in_scale = float(in_scale)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002
+        # Weights written before the input scale existed: the raw input.
+        scale = state_dict.setdefault(prefix + "in_scale", torch.tensor(1.0))
+        if scale.numel() != 1 or not bool(torch.isfinite(scale).all()) or float(scale) <= 0:
+            raise ValueError(f"{prefix}in_scale must be one finite number > 0, not {scale.tolist()}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._in_scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return at_norm(self.net(x * self._in_scale if self._in_scale != 1.0 else x), self._norm)
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> SemanticProjector:
@@ -180,6 +207,38 @@ class Projections:
         return soft_vectors(
             self.proj_c, self.proj_w, self.llm_dim, user_collab, item_collab, item_semantic, n, self.device
         )
+
+
+@torch.no_grad()
+def anchored_warm_start(
+    fresh: CollabProjector, aligned: dict[str, torch.Tensor], inputs: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Stage 2's aligned Proj C->L, re-based so that stage 3 starts where a fresh one does.
+
+    Design decision (stage3.warm_start = "anchored"; the paper loads the aligned projection as
+    it is). The aligned projection maps the MF vectors to diverse directions (mean pairwise
+    cosine about 0.05 on ML-1M), so at the first step of stage 3 the frozen LLM reads full-norm
+    tokens that differ from row to row in ways it has not learned, and its loss starts above
+    the base rate. A freshly initialised projection's output is dominated by its bias (pairwise
+    cosine about 0.88): the tokens start close to one shared anchor and the loss starts near
+    the base rate (CoLLM). The re-based projection keeps the aligned directions of the
+    deviations and takes the fresh one's geometry:
+
+        new(x) = mean_x fresh(x) + k * (aligned(x) - mean_x aligned(x)),
+        k = median ||fresh(x) - mean fresh|| / median ||aligned(x) - mean aligned||,
+
+    over `inputs` (the MF rows it will project). Only the last linear layer changes, so the
+    result is an ordinary Proj C->L state dict.
+    """
+    proj = CollabProjector.from_state(aligned)
+    new, old = fresh.net(inputs), proj.net(inputs)
+    spread = lambda y: (y - y.mean(0)).norm(dim=-1).median().clamp_min(1e-12)  # noqa: E731
+    k = spread(new) / spread(old)
+    state = {name: t.clone() for name, t in aligned.items()}
+    last = proj.net[2]
+    state["net.2.weight"] = k * last.weight
+    state["net.2.bias"] = new.mean(0) - k * (old.mean(0) - last.bias)
+    return state
 
 
 def vocabulary_norm(embeddings: torch.Tensor) -> float:

@@ -100,7 +100,17 @@ def stage3_bundle(
     """Stage 3 on its seeded train sample, then the bundle; returns stage 3's metrics."""
     proj_state = warm_start(collab) if variant.warm_start else None
     scorer = build_scorer(
-        cfg.backbone, adapter, spec, cfg.stage2.collab_dim, proj_state, cfg.seed, cfg.stage3.soft_token_scale
+        cfg.backbone,
+        adapter,
+        spec,
+        cfg.stage2.collab_dim,
+        proj_state,
+        cfg.seed,
+        cfg.stage3.soft_token_scale,
+        cfg.stage3.warm_start,
+        torch.cat([collab[MF_USERS], collab[MF_ITEMS]]) if MF_USERS in collab else None,
+        cfg.stage3.semantic_scale,
+        semantic,
     )
     tables = soft_input_tables(scorer, collab, semantic)
     rows = sample(data.train, cfg.stage3.budget, cfg.seed + 3)

@@ -136,6 +136,13 @@ class Stage3Config:
     lr_schedule: str | None = None
     #: Optimiser steps of linear warm-up from 0, as in stage 1 (None: none).
     warmup_steps: int | None = None
+    #: How the warm-started Proj C->L (SeLLa-Rec) enters stage 3 (choice): None loads stage 2's
+    #: aligned projection as it is (the paper); "anchored" keeps its directions but starts every
+    #: token near one shared anchor, as a fresh projection does (model.collab.anchored_warm_start).
+    warm_start: str | None = None
+    #: Input scale of Proj W->L (choice): None feeds it the raw distilled semantics (the paper);
+    #: "unit" divides them by their median row norm (model.collab.SemanticProjector).
+    semantic_scale: str | None = None
 
 
 @dataclass

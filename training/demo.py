@@ -91,6 +91,7 @@ def demo_config(data_dir: Path, backbone: str, budget: DemoBudget, seed: int, th
             "stage3.budget": budget.stage3,
             "stage3.batch_size": 8,
             "stage3.lr": 1e-3,  # as on ML-1M: the soft tokens are pinned to the vocabulary norm
+            "stage3.warm_start": "anchored",  # as on ML-1M (docs/results.md)
             "eval.limit": budget.eval_limit,
             "eval.batch_size": 16,
         },

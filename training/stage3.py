@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sellarec.model.backbone import load_backbone
-from sellarec.model.collab import CollabProjector, SemanticProjector, vocabulary_norm
+from sellarec.model.collab import CollabProjector, SemanticProjector, anchored_warm_start, vocabulary_norm
 from sellarec.model.encoding import Encoded
 from sellarec.model.lora import load_lora, merge
 from sellarec.model.prompts import Slot, TemplateSpec
@@ -47,6 +47,8 @@ class SoftInputTables(nn.Module):
 
 
 SOFT_TOKEN_SCALES = ("backbone", "free")
+WARM_STARTS = (None, "anchored")
+SEMANTIC_SCALES = (None, "unit")
 
 
 def build_scorer(
@@ -57,14 +59,26 @@ def build_scorer(
     proj_c_state: dict | None,
     seed: int,
     soft_token_scale: str = "backbone",
+    warm_start: str | None = None,
+    collab_inputs: torch.Tensor | None = None,
+    semantic_scale: str | None = None,
+    semantic: torch.Tensor | None = None,
 ) -> SellaRec:
     """Frozen backbone with the stage-1 LoRA merged; projections fresh or warm-started.
 
     `soft_token_scale` "backbone" pins the projections' output norm to the vocabulary's
     median embedding norm (model.collab._Projector); "free" leaves it as the paper does.
+    `warm_start` "anchored" re-bases the warm start on a fresh projection's geometry over the
+    MF rows `collab_inputs` (model.collab.anchored_warm_start); None loads it as it is.
+    `semantic_scale` "unit" feeds Proj W->L the semantics `semantic` divided by their median
+    row norm (model.collab.SemanticProjector); None feeds them raw.
     """
     if soft_token_scale not in SOFT_TOKEN_SCALES:
         raise ValueError(f"stage3.soft_token_scale: one of {SOFT_TOKEN_SCALES}, not {soft_token_scale!r}")
+    if warm_start not in WARM_STARTS:
+        raise ValueError(f"stage3.warm_start: one of {WARM_STARTS}, not {warm_start!r}")
+    if semantic_scale not in SEMANTIC_SCALES:
+        raise ValueError(f"stage3.semantic_scale: one of {SEMANTIC_SCALES}, not {semantic_scale!r}")
     model, tokenizer, info = load_backbone(backbone)
     if adapter is not None:
         model = merge(load_lora(model, adapter))
@@ -73,8 +87,17 @@ def build_scorer(
     uses_collab = Slot.USER in spec.slots or Slot.ITEM in spec.slots
     proj_c = CollabProjector(collab_dim, info.hidden_size, out_norm=norm) if uses_collab else None
     if proj_c is not None and proj_c_state:
+        if warm_start == "anchored":
+            if collab_inputs is None:
+                raise ValueError("an anchored warm start needs the MF rows it will project")
+            proj_c_state = anchored_warm_start(proj_c, proj_c_state, collab_inputs.float())
         proj_c.load_state_dict(proj_c_state | {"out_norm": torch.tensor(norm)})  # warm start from stage 2
-    proj_w = SemanticProjector(info.hidden_size, out_norm=norm) if Slot.WARM in spec.slots else None
+    in_scale = 1.0
+    if semantic_scale == "unit" and Slot.WARM in spec.slots:
+        if semantic is None:
+            raise ValueError("a unit semantic scale needs the semantic table it will project")
+        in_scale = 1.0 / float(semantic.float().norm(dim=-1).median().clamp_min(1e-6))
+    proj_w = SemanticProjector(info.hidden_size, norm, in_scale) if Slot.WARM in spec.slots else None
     return SellaRec(model, tokenizer, spec, proj_c=proj_c, proj_w=proj_w)
 
 
