@@ -34,8 +34,13 @@ from sellarec.training.synthetic import SyntheticSpec, synthetic_frames
 #: How far below the base rate the end of training must be ("clearly below").
 MARGIN = 0.03
 SPEC = SyntheticSpec(seed=3)
-#: Training rows of each LLM stage run (one pass).
-ROWS = 512
+#: Training rows of each LLM stage run (one pass). 512 rows learned on one machine (AMD, AVX2:
+#: last quarter about 0.645 against a base rate of 0.69) and not on another (Intel, AVX-512, same
+#: code and seeds: 0.711): at 64 steps whether the frozen LLM starts reading the soft tokens
+#: depends on the kernels' rounding. At 1,024 rows (128 steps) the second machine ends 0.045
+#: below the base rate (quarters 0.695, 0.629, 0.671, 0.648); 768 rows ended 0.050 below, but
+#: only in the last quarter.
+ROWS = 1024
 pytestmark = pytest.mark.slow
 
 
