@@ -33,7 +33,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,7 +45,7 @@ from torch import nn
 
 from sellarec.bench.workload import ARCHES, build_scorer, model_dir_for_vllm, titles
 from sellarec.model import fast_path
-from sellarec.model.encoding import pad
+from sellarec.model.encoding import Encoded, pad
 from sellarec.model.prompts import item_prompt, scoring_prompt, user_prompt
 from sellarec.model.sella import SellaRec
 from sellarec.service.backends.torch_backend import TorchBackend
@@ -179,6 +179,36 @@ def bind_vllm_threads(threads: int) -> str | None:
     return os.environ["VLLM_CPU_OMP_THREADS_BIND"]
 
 
+@dataclass(frozen=True)
+class Request:
+    """One rerank request of `n` candidates, as every path is asked it."""
+
+    history: list[str]
+    cands: list[str]
+    prefix: Encoded
+    suffixes: list[Encoded]
+    user_vec: torch.Tensor
+    item_vec: torch.Tensor
+
+    @classmethod
+    def of(cls, scorer: SellaRec, n: int) -> Request:
+        history, cands = titles(10, seed=1), titles(n, seed=100 + n)
+        gen = torch.Generator().manual_seed(n)
+        with torch.inference_mode():
+            user_vec = scorer.soft_vectors(torch.randn(1, 256, generator=gen), None, None, 1)
+            item_vec = scorer.soft_vectors(
+                None, torch.randn(n, 256, generator=gen), torch.randn(n, scorer.llm_dim, generator=gen), n
+            )
+        return cls(
+            history,
+            cands,
+            scorer.encoder.segments(user_prompt(scorer.spec, history), lead=True),
+            [scorer.encoder.segments(item_prompt(scorer.spec, t)) for t in cands],
+            user_vec,
+            item_vec,
+        )
+
+
 def run_case(
     scorer: SellaRec,
     backend: TorchBackend,
@@ -187,55 +217,58 @@ def run_case(
     naive: bool,
     naive_batch: int,
     flops: float,
-    peer: VllmBackend | None = None,
 ) -> Case:
-    """Time one rerank size on every path; `scorer` is the plain model (the naive path's)."""
+    """Time one rerank size on our paths; `scorer` is the plain model (the naive path's).
+
+    vLLM is timed afterwards (`with_vllm`), once these timings are done: its engine-core and
+    worker processes, idle between its requests, took about a fifth of the engine's rate at
+    one candidate when they were alive beside it (docs/performance.md).
+    """
     device = scorer.device
-    history = titles(10, seed=1)
-    cands = titles(n, seed=100 + n)
-    prefix = scorer.encoder.segments(user_prompt(scorer.spec, history), lead=True)
-    suffixes = [scorer.encoder.segments(item_prompt(scorer.spec, t)) for t in cands]
-    suffix_len = sum(len(s) for s in suffixes) / n
-    with torch.inference_mode():
-        user_vec = scorer.soft_vectors(torch.randn(1, 256), None, None, 1)
-        item_vec = scorer.soft_vectors(None, torch.randn(n, 256), torch.randn(n, scorer.llm_dim), n)
+    req = Request.of(scorer, n)
+    suffix_len = sum(len(s) for s in req.suffixes) / n
 
     def engine() -> None:
-        backend.score([prefix], user_vec, [0] * n, suffixes, item_vec)
+        backend.score([req.prefix], req.user_vec, [0] * n, req.suffixes, req.item_vec)
 
     engine_times = _timed(engine, device, reps)
     naive_times = None
     if naive:
         naive_times = _timed(
-            lambda: naive_scores(scorer, history, cands, naive_batch), device, max(1, reps // 2)
+            lambda: naive_scores(scorer, req.history, req.cands, naive_batch), device, max(1, reps // 2)
         )
-    vllm_times = None
-    if peer is not None:
-
-        def vllm_request() -> None:
-            peer.llm.reset_prefix_cache()  # each timed request is new to vLLM's cache
-            peer.score([prefix], user_vec, [0] * n, suffixes, item_vec)
-
-        vllm_times = _timed(vllm_request, device, reps)
     engine_rate = n / min(engine_times)
     naive_rate = n / min(naive_times) if naive_times else None
-    vllm_rate = n / min(vllm_times) if vllm_times else None
-    roofline = flops / candidate_flops(scorer.backbone, len(prefix), suffix_len, n)
+    roofline = flops / candidate_flops(scorer.backbone, len(req.prefix), suffix_len, n)
     return Case(
         candidates=n,
-        prefix_tokens=len(prefix),
+        prefix_tokens=len(req.prefix),
         suffix_tokens=round(suffix_len, 1),
         naive_per_s=naive_rate,
         naive_p50_ms=_p50_ms(naive_times),
-        vllm_per_s=vllm_rate,
-        vllm_p50_ms=_p50_ms(vllm_times),
+        vllm_per_s=None,
+        vllm_p50_ms=None,
         engine_per_s=engine_rate,
         engine_p50_ms=_p50_ms(engine_times) or 0.0,
         roofline_per_s=roofline,
         engine_vs_naive=engine_rate / naive_rate if naive_rate else None,
-        engine_vs_vllm=engine_rate / vllm_rate if vllm_rate else None,
+        engine_vs_vllm=None,
         engine_vs_roofline=engine_rate / roofline,
     )
+
+
+def with_vllm(case: Case, scorer: SellaRec, peer: VllmBackend, reps: int) -> Case:
+    """`case` with vLLM's timings of the same request added."""
+    n = case.candidates
+    req = Request.of(scorer, n)
+
+    def vllm_request() -> None:
+        peer.llm.reset_prefix_cache()  # each timed request is new to vLLM's cache
+        peer.score([req.prefix], req.user_vec, [0] * n, req.suffixes, req.item_vec)
+
+    times = _timed(vllm_request, scorer.device, reps)
+    rate = n / min(times)
+    return replace(case, vllm_per_s=rate, vllm_p50_ms=_p50_ms(times), engine_vs_vllm=case.engine_per_s / rate)
 
 
 def _p50_ms(times: list[float] | None) -> float | None:
@@ -323,18 +356,18 @@ def bench(
     packs = cpu_fast_path and fast_path.supported(scorer.device, scorer.dtype)
     engine_scorer = copy.deepcopy(scorer) if packs and naive else scorer
     backend = TorchBackend(engine_scorer, max_batch_tokens=max_batch_tokens, cpu_fast_path=cpu_fast_path)
-    with tempfile.TemporaryDirectory(prefix="sellarec-bench-") as work:
-        # vLLM's backend builds a torch backend for distillation: give it the engine's model.
-        peer = vllm_peer(engine_scorer, arch, max_batch_tokens, Path(work)) if vllm else None
-        kernels = matmul_flops(scorer.device, torch_dtype)
-        flops = max(kernels.values())
-        cases = [
-            run_case(scorer, backend, n, reps, naive and n <= naive_max, naive_batch, flops, peer)
-            for n in sizes
-        ]
-        kernels_after = matmul_flops(scorer.device, torch_dtype)
-        if peer is not None:
-            peer.close()
+    kernels = matmul_flops(scorer.device, torch_dtype)
+    flops = max(kernels.values())
+    cases = [run_case(scorer, backend, n, reps, naive and n <= naive_max, naive_batch, flops) for n in sizes]
+    kernels_after = matmul_flops(scorer.device, torch_dtype)
+    if vllm:  # started only now, so that its processes are not alive while our paths are timed
+        with tempfile.TemporaryDirectory(prefix="sellarec-bench-") as work:
+            # vLLM's backend builds a torch backend for distillation: give it the engine's model.
+            peer = vllm_peer(engine_scorer, arch, max_batch_tokens, Path(work))
+            try:
+                cases = [with_vllm(c, scorer, peer, reps) for c in cases]
+            finally:
+                peer.close()
 
     engine_kind = "fast path" if backend.fast_path.active else "plain"
     title = (
