@@ -94,36 +94,11 @@ class CollabProjector(_Projector):
 
 
 class SemanticProjector(_Projector):
-    """Proj W->L: Linear(d_L, d_L) on the distilled item semantics, randomly initialised.
+    """Proj W->L: Linear(d_L, d_L) on the distilled item semantics, randomly initialised."""
 
-    `in_scale` multiplies the semantics before the linear layer (1 = the paper's raw input).
-    Design decision (stage3.semantic_scale = "unit"): the distilled semantics are final hidden
-    states, of norm about 48 on SmolLM2 against about 2.5 for the MF vectors Proj C->L reads.
-    Adam moves every weight by about the learning rate per step whatever its input's scale,
-    so on inputs of that norm one step of Proj W->L moves `<Warm_ID>` by about as much as its
-    whole initial value: the token the frozen LLM reads jumps from step to step. Scaled to a
-    unit median norm, its steps are as large as Proj C->L's. The scale is a buffer, so the
-    service applies it to the semantics it distills for new items too.
-    """
-
-    in_scale: torch.Tensor
-
-    def __init__(self, llm_dim: int, out_norm: float = 0.0, in_scale: float = 1.0) -> None:
+    def __init__(self, llm_dim: int, out_norm: float = 0.0) -> None:
         super().__init__(out_norm)
         self.net = nn.Linear(llm_dim, llm_dim)
-        self.register_buffer("in_scale", torch.tensor(float(in_scale)))
-        self._in_scale = float(in_scale)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002
-        # Weights written before the input scale existed: the raw input.
-        scale = state_dict.setdefault(prefix + "in_scale", torch.tensor(1.0))
-        if scale.numel() != 1 or not bool(torch.isfinite(scale).all()) or float(scale) <= 0:
-            raise ValueError(f"{prefix}in_scale must be one finite number > 0, not {scale.tolist()}")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._in_scale = float(scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return at_norm(self.net(x * self._in_scale if self._in_scale != 1.0 else x), self._norm)
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> SemanticProjector:

@@ -67,7 +67,7 @@ def derive_bundle(src: Path, dst: Path, name: str, seed: int) -> Path:
     tensors = load_file(dst / TENSORS)
     g = torch.Generator().manual_seed(seed)
     for key, value in tensors.items():
-        # Weights and tables change; a projection's scalar scales (out_norm, in_scale) stay.
+        # Weights and tables change; a projection's scalar scales (out_norm) stay.
         if key.startswith(("mf.", "semantic.", "proj_")) and value.dim() > 0:
             tensors[key] = torch.randn(value.shape, generator=g) * value.std().clamp(min=0.1)
     tensors["neutral.user"] = tensors["mf.users"].mean(0)

@@ -3,6 +3,7 @@ travels with their weights (older weights without it load with the free scale)."
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sellarec.model.collab import CollabProjector, SemanticProjector, vocabulary_norm
@@ -45,30 +46,8 @@ def test_the_vocabulary_norm_is_the_median_row_norm():
     assert vocabulary_norm(table) == 5.0
 
 
-def test_the_semantic_input_scale_multiplies_the_input_and_round_trips():
-    torch.manual_seed(0)
-    scaled = SemanticProjector(16, in_scale=0.25)
-    x = torch.randn(4, 16) * 40
-    assert torch.allclose(scaled(x), scaled.net(x * 0.25))
-    loaded = SemanticProjector.from_state(scaled.state_dict())
-    assert torch.allclose(loaded(x), scaled(x))
-
-
-def test_semantic_weights_written_before_the_input_scale_read_the_raw_input():
-    torch.manual_seed(0)
-    state = SemanticProjector(16, out_norm=2.0, in_scale=0.25).state_dict()
-    old = {k: v for k, v in state.items() if k != "in_scale"}
-    loaded = SemanticProjector.from_state(old)
-    x = torch.randn(3, 16)
-    assert torch.allclose(loaded(x), torch.nn.functional.normalize(loaded.net(x), dim=-1) * 2.0, atol=1e-5)
-
-
-def test_a_tampered_scale_is_refused_at_load():
-    import pytest
-
-    state = SemanticProjector(8, out_norm=2.0, in_scale=0.5).state_dict()
-    nan, inf = float("nan"), float("inf")
-    bad_values = [("in_scale", nan), ("in_scale", 0.0), ("out_norm", -1.0), ("out_norm", inf)]
-    for key, bad in bad_values:
-        with pytest.raises(ValueError, match=key):
-            SemanticProjector.from_state(state | {key: torch.tensor(bad)})
+def test_a_tampered_output_norm_is_refused_at_load():
+    state = SemanticProjector(8, out_norm=2.0).state_dict()
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="out_norm"):
+            SemanticProjector.from_state(state | {"out_norm": torch.tensor(bad)})

@@ -109,8 +109,6 @@ def stage3_bundle(
         cfg.stage3.soft_token_scale,
         cfg.stage3.warm_start,
         torch.cat([collab[MF_USERS], collab[MF_ITEMS]]) if MF_USERS in collab else None,
-        cfg.stage3.semantic_scale,
-        semantic,
     )
     tables = soft_input_tables(scorer, collab, semantic)
     rows = sample(data.train, cfg.stage3.budget, cfg.seed + 3)

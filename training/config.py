@@ -140,9 +140,6 @@ class Stage3Config:
     #: aligned projection as it is (the paper); "anchored" keeps its directions but starts every
     #: token near one shared anchor, as a fresh projection does (model.collab.anchored_warm_start).
     warm_start: str | None = None
-    #: Input scale of Proj W->L (choice): None feeds it the raw distilled semantics (the paper);
-    #: "unit" divides them by their median row norm (model.collab.SemanticProjector).
-    semantic_scale: str | None = None
 
 
 @dataclass

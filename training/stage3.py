@@ -48,7 +48,6 @@ class SoftInputTables(nn.Module):
 
 SOFT_TOKEN_SCALES = ("backbone", "free")
 WARM_STARTS = (None, "anchored")
-SEMANTIC_SCALES = (None, "unit")
 
 
 def build_scorer(
@@ -61,8 +60,6 @@ def build_scorer(
     soft_token_scale: str = "backbone",
     warm_start: str | None = None,
     collab_inputs: torch.Tensor | None = None,
-    semantic_scale: str | None = None,
-    semantic: torch.Tensor | None = None,
 ) -> SellaRec:
     """Frozen backbone with the stage-1 LoRA merged; projections fresh or warm-started.
 
@@ -70,15 +67,11 @@ def build_scorer(
     median embedding norm (model.collab._Projector); "free" leaves it as the paper does.
     `warm_start` "anchored" re-bases the warm start on a fresh projection's geometry over the
     MF rows `collab_inputs` (model.collab.anchored_warm_start); None loads it as it is.
-    `semantic_scale` "unit" feeds Proj W->L the semantics `semantic` divided by their median
-    row norm (model.collab.SemanticProjector); None feeds them raw.
     """
     if soft_token_scale not in SOFT_TOKEN_SCALES:
         raise ValueError(f"stage3.soft_token_scale: one of {SOFT_TOKEN_SCALES}, not {soft_token_scale!r}")
     if warm_start not in WARM_STARTS:
         raise ValueError(f"stage3.warm_start: one of {WARM_STARTS}, not {warm_start!r}")
-    if semantic_scale not in SEMANTIC_SCALES:
-        raise ValueError(f"stage3.semantic_scale: one of {SEMANTIC_SCALES}, not {semantic_scale!r}")
     model, tokenizer, info = load_backbone(backbone)
     if adapter is not None:
         model = merge(load_lora(model, adapter))
@@ -92,12 +85,7 @@ def build_scorer(
                 raise ValueError("an anchored warm start needs the MF rows it will project")
             proj_c_state = anchored_warm_start(proj_c, proj_c_state, collab_inputs.float())
         proj_c.load_state_dict(proj_c_state | {"out_norm": torch.tensor(norm)})  # warm start from stage 2
-    in_scale = 1.0
-    if semantic_scale == "unit" and Slot.WARM in spec.slots:
-        if semantic is None:
-            raise ValueError("a unit semantic scale needs the semantic table it will project")
-        in_scale = 1.0 / float(semantic.float().norm(dim=-1).median().clamp_min(1e-6))
-    proj_w = SemanticProjector(info.hidden_size, norm, in_scale) if Slot.WARM in spec.slots else None
+    proj_w = SemanticProjector(info.hidden_size, out_norm=norm) if Slot.WARM in spec.slots else None
     return SellaRec(model, tokenizer, spec, proj_c=proj_c, proj_w=proj_w)
 
 
