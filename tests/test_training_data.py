@@ -102,3 +102,12 @@ def test_variants_follow_the_paper_switches():
     assert not VARIANTS["sella-proj"].warm_start and VARIANTS["sella-proj"].align
     assert [s.value for s in VARIANTS["sella-ui"].slots] == ["warm"]
     assert not VARIANTS["tallrec"].stage3 and not VARIANTS["zeroshot"].lora and not VARIANTS["mf"].llm
+
+
+def test_float_settings_written_without_a_dot_are_read_as_numbers():
+    # YAML 1.1 reads "3e-3" as a string; `--set stage3.table_lr=3e-3` must still be 0.003.
+    cfg = load_config(None, {"stage3.table_lr": "3e-3", "stage1.lr": "1e-3", "stage3.lr": 2})
+    assert cfg.stage3.table_lr == 0.003 and cfg.stage1.lr == 0.001 and cfg.stage3.lr == 2
+    with pytest.raises(ValueError, match="Stage3Config.table_lr must be a number"):
+        load_config(None, {"stage3.table_lr": "fast"})
+    assert load_config(None, {"data.name": "1e3"}).data.name == "1e3"  # strings stay strings

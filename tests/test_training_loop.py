@@ -256,3 +256,37 @@ def test_stage3_runs_its_schedule_over_exactly_its_steps(tiny_backbone_dir, monk
     assert seen["schedule"] == "cosine" and seen["warmup"] == 1
     assert seen["steps"] == len(metrics["losses"])  # the count matches the batches actually run
     assert seen["optimizer"].param_groups[0]["lr"] < 1e-2 * 0.01  # decayed to ~0 at the end
+
+
+@pytest.mark.parametrize("table_lr", [None, 0.0, 1e-4])
+def test_stage3_trains_the_tables_at_their_own_rate(table_lr, tiny_backbone_dir):
+    torch.manual_seed(0)
+    model, tok, info = load_backbone(str(tiny_backbone_dir))
+    scorer = SellaRec(
+        model,
+        tok,
+        TemplateSpec(),
+        proj_c=CollabProjector(8, info.hidden_size),
+        proj_w=SemanticProjector(info.hidden_size),
+    )
+    tables = stage3.SoftInputTables(torch.randn(5, 8), torch.randn(10, 8), torch.randn(10, info.hidden_size))
+    before = {k: v.detach().clone() for k, v in tables.state_dict().items()}
+    proj_before = scorer.proj_c.net[0].weight.detach().clone()
+    cfg = Stage3Config(batch_size=2, lr=1e-2, table_lr=table_lr)
+    stage3.train_stage3(scorer, tables, _frame(), cfg, 0, progress=False)
+    moved = {k: (v - before[k]).abs().max().item() for k, v in tables.state_dict().items()}
+    if table_lr == 0.0:
+        assert all(m == 0.0 for m in moved.values())  # frozen: stage 2's tables as they were
+    else:
+        # Adam moves a touched element by about its rate per step: 1e-2 (the shared rate) or 1e-4.
+        rate = 1e-2 if table_lr is None else table_lr
+        assert 0.3 * rate < max(moved.values()) < 20 * rate
+    assert not torch.equal(scorer.proj_c.net[0].weight, proj_before)  # the projections train in every case
+
+
+def test_a_negative_table_rate_is_refused(tiny_backbone_dir):
+    model, tok, info = load_backbone(str(tiny_backbone_dir))
+    scorer = SellaRec(model, tok, TemplateSpec(), proj_c=CollabProjector(8, info.hidden_size))
+    tables = stage3.SoftInputTables(torch.randn(5, 8), torch.randn(10, 8), None)
+    with pytest.raises(ValueError, match="table_lr"):
+        stage3.train_stage3(scorer, tables, _frame(), Stage3Config(table_lr=-1.0), 0, progress=False)

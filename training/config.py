@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,9 @@ class Stage3Config:
     #: aligned projection as it is (the paper); "anchored" keeps its directions but starts every
     #: token near one shared anchor, as a fresh projection does (model.collab.anchored_warm_start).
     warm_start: str | None = None
+    #: AdamW learning rate of the MF and semantic tables (choice; None: `lr`, as the paper
+    #: trains them with the rest; 0 freezes them, so stage 3 fits only the projections).
+    table_lr: float | None = None
 
 
 @dataclass
@@ -218,8 +222,19 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
         sub = known[name].default_factory if known[name].default_factory is not dataclasses.MISSING else None
         if sub is not None and dataclasses.is_dataclass(sub) and isinstance(value, dict):
             value = _build(sub, value)
-        kwargs[name] = value
+        kwargs[name] = _number(cls, name, value)
     return cls(**kwargs)
+
+
+def _number(cls: type, name: str, value: Any) -> Any:
+    """`value` as the float a float field expects: YAML 1.1 reads "3e-3" (no dot) as a string."""
+    hint = typing.get_type_hints(cls).get(name)
+    if float not in (hint, *typing.get_args(hint)) or not isinstance(value, str):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{cls.__name__}.{name} must be a number, not {value!r}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:

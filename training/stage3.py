@@ -126,8 +126,12 @@ def train_stage3(
     iids = torch.as_tensor(train["iid"].to_numpy(copy=True), dtype=torch.long)
     labels = torch.as_tensor(train["label"].to_numpy(copy=True), dtype=torch.float32)
     projections = [p for p in (scorer.proj_c, scorer.proj_w) if p is not None]
+    table_lr = cfg.lr if cfg.table_lr is None else cfg.table_lr
+    if table_lr < 0:
+        raise ValueError(f"stage3.table_lr must be >= 0, not {table_lr}")
+    tables.requires_grad_(table_lr > 0)  # 0: the tables stay as stage 2 left them
     groups = [
-        {"params": [p for p in tables.parameters()], "weight_decay": 0.0},
+        {"params": list(tables.parameters()) if table_lr > 0 else [], "weight_decay": 0.0, "lr": table_lr},
         {"params": [p for m in projections for p in m.parameters()], "weight_decay": cfg.weight_decay},
     ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
