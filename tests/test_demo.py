@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from sellarec.model.loader import load_scorer
 from sellarec.training.data import COLUMNS, Dataset
-from sellarec.training.demo import DemoBudget, demo, run_demo, try_these
+from sellarec.training.demo import DemoBudget, demo, demo_config, run_demo, try_these
 from sellarec.training.synthetic import GENRES, SyntheticSpec, synthetic_frames, write_splits
 
 SMALL = SyntheticSpec(n_users=20, n_items=36, n_train=240, n_valid=80, seed=3)
@@ -151,6 +151,31 @@ def test_a_tiny_demo_builds_a_servable_bundle_and_a_rerun_skips_training(tiny_ba
     rerun = CliRunner().invoke(app, ["--out", str(out), "--work", str(work)])
     assert rerun.exit_code == 0, rerun.output
     assert "training skipped" in rerun.output and "curl" in rerun.output
+
+
+def test_set_overrides_win_over_the_demos_own_choices(tmp_path):
+    cfg = demo_config(tmp_path, "tiny", DemoBudget(), 0, 1, {"stage3.lr": 5e-4, "stage3.warm_start": None})
+    assert cfg.stage3.lr == 5e-4 and cfg.stage3.warm_start is None
+    assert cfg.stage3.budget == DemoBudget().stage3 and cfg.stage2.collab_dim == 32  # the rest kept
+    assert demo_config(tmp_path, "tiny", DemoBudget(), 0, 1).stage3.warm_start == "anchored"
+
+
+@pytest.mark.parametrize(
+    ("item", "says"),
+    [
+        ("stage3.nope=1", "unknown Stage3Config keys"),
+        ("stage3.lr", "is not KEY=VALUE"),
+        ("=3", "is not KEY=VALUE"),
+    ],
+)
+def test_a_bad_set_is_refused_before_anything_is_built(item, says, tmp_path):
+    app = typer.Typer()
+    app.command()(demo)
+    out, work = tmp_path / "bundle", tmp_path / "work"
+    result = CliRunner().invoke(app, ["--out", str(out), "--work", str(work), "--set", item])
+    assert result.exit_code == 2, result.output
+    assert says in result.output
+    assert not out.exists() and not work.exists()
 
 
 def test_the_readme_lists_every_service_setting_with_its_default():

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 
-from sellarec.training.config import VARIANTS, load_config
+from sellarec.training.config import VARIANTS, load_config, parse_sets
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and evaluate SeLLa-Rec variants.")
 
@@ -66,11 +65,10 @@ def run(
         }.items()
         if v is not None
     }
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
-        overrides[key] = yaml.safe_load(value)
+    try:
+        overrides.update(parse_sets(set_))
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--set") from e
     try:
         cfg = load_config(config, overrides)
     except (ValueError, TypeError) as e:

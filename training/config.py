@@ -237,6 +237,17 @@ def _number(cls: type, name: str, value: Any) -> Any:
         raise ValueError(f"{cls.__name__}.{name} must be a number, not {value!r}") from None
 
 
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """`--set KEY=VALUE` items as load_config overrides: a dotted key, a YAML value."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{item!r} is not KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a YAML file into RunConfig; `overrides` use dotted keys ("stage1.budget").
 

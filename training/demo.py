@@ -37,7 +37,7 @@ import typer
 
 from sellarec.model.artifacts import ArtifactError, read_manifest
 from sellarec.model.backbone import SMOLLM2_ALIAS, resolve
-from sellarec.training.config import RunConfig, load_config
+from sellarec.training.config import RunConfig, load_config, parse_sets
 from sellarec.training.data import Dataset
 from sellarec.training.pipeline import run_variant
 from sellarec.training.synthetic import GENRES, SyntheticSpec, World, synthetic_frames, write_splits
@@ -64,8 +64,16 @@ class DemoBudget:
     history_length: int = 5
 
 
-def demo_config(data_dir: Path, backbone: str, budget: DemoBudget, seed: int, threads: int) -> RunConfig:
-    """The ml1m configuration's shape at demo scale: dataclass defaults plus these choices."""
+def demo_config(
+    data_dir: Path,
+    backbone: str,
+    budget: DemoBudget,
+    seed: int,
+    threads: int,
+    overrides: dict | None = None,
+) -> RunConfig:
+    """The ml1m configuration's shape at demo scale: dataclass defaults plus these choices,
+    then `overrides` (dotted keys, as `sellarec-demo --set`), which win."""
     return load_config(
         None,
         {
@@ -94,6 +102,7 @@ def demo_config(data_dir: Path, backbone: str, budget: DemoBudget, seed: int, th
             "stage3.warm_start": "anchored",  # as on ML-1M (docs/results.md)
             "eval.limit": budget.eval_limit,
             "eval.batch_size": 16,
+            **(overrides or {}),
         },
     )
 
@@ -181,6 +190,7 @@ def run_demo(
     threads: int = 1,
     progress: bool = True,
     command: str = "sellarec-demo",
+    overrides: dict | None = None,
 ) -> dict:
     """Fetch the backbone, write the data, train and evaluate `sellarec`, install the bundle at `out`.
 
@@ -194,7 +204,7 @@ def run_demo(
     train, valid, world = synthetic_frames(spec)
     data_dir = work / "data"
     write_splits(train, valid, data_dir)
-    cfg = demo_config(data_dir, backbone, budget, spec.seed, threads)
+    cfg = demo_config(data_dir, backbone, budget, spec.seed, threads, overrides)
     data = Dataset.load(cfg.data.train, cfg.data.valid, name=cfg.data.name)
     log.info(
         "synthetic data: %d users, %d items, %d train / %d valid rows in %s; %d torch thread(s)",
@@ -267,10 +277,19 @@ def demo(
         1, help="torch threads (1: reproducible, and fastest on shared cores; 0: torch's default)."
     ),
     progress: bool = typer.Option(True, help="Progress bars."),
+    set_: list[str] = typer.Option(
+        None, "--set", help="Any training config value over the demo's: KEY=VALUE, dotted key (repeatable)."
+    ),
 ) -> None:
     """Train a small SeLLa-Rec model on synthetic movies and install it as a servable bundle."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     spec = SyntheticSpec(seed=seed)
+    budget = DemoBudget(stage1=stage1_budget, stage3=stage3_budget, eval_limit=eval_limit)
+    try:
+        overrides = parse_sets(set_)
+        demo_config(work / "data", backbone, budget, spec.seed, threads, overrides)  # refuse a bad key now
+    except (ValueError, TypeError) as err:
+        raise typer.BadParameter(str(err), param_hint="--set") from err
     if (out / "manifest.json").exists() and not force:
         try:
             read_manifest(out)
@@ -284,9 +303,8 @@ def demo(
             train, _, world = synthetic_frames(spec)
             print_summary(out, None, try_these(world, train))
         return
-    budget = DemoBudget(stage1=stage1_budget, stage3=stage3_budget, eval_limit=eval_limit)
     command = shlex.join(["sellarec-demo", *sys.argv[1:]])
-    result = run_demo(out, work, backbone, budget, spec, threads, progress, command)
+    result = run_demo(out, work, backbone, budget, spec, threads, progress, command, overrides)
     print_summary(out, result, result["demo"]["hints"])
 
 
