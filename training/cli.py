@@ -66,11 +66,7 @@ def run(
         if v is not None
     }
     try:
-        overrides.update(parse_sets(set_))
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--set") from e
-    try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, {**overrides, **parse_sets(set_)})
     except (ValueError, TypeError) as e:
         raise typer.BadParameter(str(e), param_hint="--config/--set") from e
     # `kill` ends a run like Ctrl-C: half-built stage directories are removed on the way out.

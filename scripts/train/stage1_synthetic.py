@@ -14,6 +14,7 @@ base-rate BCE. One pass, so each step's loss is on rows not yet trained on. `--s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -24,7 +25,7 @@ import torch
 
 from sellarec.model.backbone import SMOLLM2_ALIAS, resolve
 from sellarec.model.prompts import TemplateSpec
-from sellarec.training.config import Stage1Config, _build, parse_sets
+from sellarec.training.config import load_config, parse_sets
 from sellarec.training.data import Dataset, sample
 from sellarec.training.stage1 import train_stage1
 from sellarec.training.synthetic import SyntheticSpec, synthetic_frames
@@ -44,7 +45,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the numbers here as JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg = _build(Stage1Config, parse_sets(args.sets))
+    cfg = load_config(None, {f"stage1.{k}": v for k, v in parse_sets(args.sets).items()}).stage1
     spec = SyntheticSpec(**{"seed": 3, **parse_sets(args.spec)})
     train, valid, _ = synthetic_frames(spec)
     rows = sample(Dataset.from_frames(train, valid, name="stage1-synthetic").train, args.rows, seed=0)
@@ -55,8 +56,8 @@ def main() -> None:
         )
     result = {
         "rows": len(rows),
-        "stage1": {k: v for k, v in vars(cfg).items()},
-        "spec": vars(spec),
+        "stage1": dataclasses.asdict(cfg),
+        "spec": dataclasses.asdict(spec),
         "loss_quarters": quarters(m["losses"]),
         "base_rate_bce": round(float(m["base_rate_bce"]), 3),
         "seconds": round(time.perf_counter() - start, 1),

@@ -27,9 +27,8 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from sellarec.model.backbone import load_backbone
-from sellarec.model.encoding import PromptEncoder
 from sellarec.model.prompts import TemplateSpec
-from sellarec.model.scoring import answer_token_ids
+from sellarec.model.sella import SellaRec
 from sellarec.training.batches import row_prompts
 from sellarec.training.config import load_config
 from sellarec.training.data import Dataset, sample
@@ -37,21 +36,15 @@ from sellarec.training.evaluate import metrics
 
 
 @torch.no_grad()
-def features(model, encoder: PromptEncoder, spec: TemplateSpec, frame, batch: int, progress: bool):
-    """Final hidden state (after the last norm) at the last prompt token, one row per prompt."""
-    ids = [list(encoder.prompt(p).ids) for p in row_prompts(spec, frame)]
-    order = np.argsort([len(x) for x in ids])  # length-sorted batches: little padding
-    out = np.zeros((len(ids), model.config.hidden_size), dtype=np.float32)
-    for start in tqdm(range(0, len(ids), batch), disable=not progress, desc="probe features"):
+def features(scorer: SellaRec, frame, batch: int, progress: bool) -> np.ndarray:
+    """Final hidden state (after the last norm) at the last prompt token, one row per prompt:
+    the model's own plain path (`SellaRec.last_hidden`), in length-sorted batches."""
+    encoded = [scorer.encoder.prompt(p) for p in row_prompts(scorer.spec, frame)]
+    order = np.argsort([len(e) for e in encoded])  # little padding
+    out = np.zeros((len(encoded), scorer.llm_dim), dtype=np.float32)
+    for start in tqdm(range(0, len(encoded), batch), disable=not progress, desc="probe features"):
         rows = order[start : start + batch]
-        width = max(len(ids[r]) for r in rows)
-        x = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for k, r in enumerate(rows):  # left padding: the last position is every prompt's last token
-            x[k, width - len(ids[r]) :] = torch.tensor(ids[r])
-            mask[k, width - len(ids[r]) :] = 1
-        hidden = model.base_model(input_ids=x, attention_mask=mask).last_hidden_state[:, -1]
-        out[rows] = hidden.float().numpy()
+        out[rows] = scorer.last_hidden([encoded[r] for r in rows]).float().numpy()
     return out
 
 
@@ -78,14 +71,13 @@ def main() -> None:
         answer_cue=cfg.prompt.answer_cue,
         history_length=cfg.prompt.history_length,
     )
-    encoder = PromptEncoder(tokenizer)
+    scorer = SellaRec(model, tokenizer, spec).eval()
     start = time.perf_counter()
-    x_train = features(model, encoder, spec, train, args.batch, not args.no_progress)
-    x_valid = features(model, encoder, spec, valid, args.batch, not args.no_progress)
+    x_train = features(scorer, train, args.batch, not args.no_progress)
+    x_valid = features(scorer, valid, args.batch, not args.no_progress)
     seconds = time.perf_counter() - start
-    yes, no = answer_token_ids(tokenizer, spec.answer_cue)
-    head = model.get_output_embeddings().weight.detach().float().numpy()
-    direction = head[yes] - head[no]  # the zero-shot score: l_yes - l_no from the same hidden state
+    with torch.no_grad():  # the zero-shot score, l_yes - l_no, from the same hidden states
+        zero_shot = scorer.head(torch.from_numpy(x_valid)).numpy()
     y_train = train["label"].to_numpy()
     fit = LogisticRegressionCV(Cs=10, cv=5, scoring="roc_auc", max_iter=2000)
     probe = make_pipeline(StandardScaler(), fit)
@@ -100,7 +92,7 @@ def main() -> None:
         "forward_seconds": round(seconds, 1),
         "cv_auc_train": float(probe[-1].scores_[1].mean(axis=0).max()),
         "probe": metrics(valid, probe.predict_proba(x_valid)[:, 1]),
-        "zero_shot": metrics(valid, x_valid @ direction),
+        "zero_shot": metrics(valid, zero_shot),
     }
     text = json.dumps(result, indent=2)
     print(text)
