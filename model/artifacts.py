@@ -36,7 +36,7 @@ from pydantic import BaseModel, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
 from sellarec.model.backbone import BackboneInfo
-from sellarec.model.bundle import Tables, load_projections, tensor_problems
+from sellarec.model.bundle import Tables, load_projections, nonfinite, tensor_problems
 from sellarec.model.collab import Projections
 from sellarec.model.prompts import TEMPLATE_ID, Slot, TemplateSpec
 
@@ -209,6 +209,8 @@ def save_bundle(
         shapes, manifest.slots, manifest.n_users, manifest.n_items, manifest.collab_dim, manifest.llm_dim
     ):
         raise ArtifactError(f"{path}: not written, the bundle would be incomplete: {'; '.join(problems)}")
+    if bad := nonfinite(tensors):
+        raise ArtifactError(f"{path}: not written, {_nonfinite_message(bad)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -226,6 +228,8 @@ def save_bundle(
         )
         if adapter is not None:
             adapter.save_pretrained(staging / ADAPTER, safe_serialization=True)
+            if bad := nonfinite(load_file(staging / ADAPTER_WEIGHTS)):
+                raise ArtifactError(f"{path}: not written, {_nonfinite_message(bad, ADAPTER_WEIGHTS)}")
         manifest = manifest.model_copy(update={"has_adapter": adapter is not None})
         manifest.checksums = {
             str(f.relative_to(staging)): sha256_file(f) for f in sorted(staging.rglob("*")) if f.is_file()
@@ -320,8 +324,29 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise ArtifactError(f"{path}: cannot read {TENSORS} ({type(err).__name__}: {err})") from err
     bundle = Bundle(path=path, manifest=manifest, tensors=tensors, catalog=catalog)
     check_tensors(path, manifest, {k: tuple(v.shape) for k, v in tensors.items()})
+    if bad := nonfinite(tensors):
+        raise ArtifactError(f"{path}: {_nonfinite_message(bad)}; the bundle is refused")
+    _check_finite_adapter(bundle)
     _check_catalog(bundle)
     return bundle
+
+
+def _nonfinite_message(names: list[str], file: str = TENSORS) -> str:
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"{file} holds NaN or infinite values in {shown} (a diverged training run? retrain it)"
+
+
+def _check_finite_adapter(bundle: Bundle) -> None:
+    """Refuse LoRA weights holding NaN or infinity (read here: PEFT would load them silently)."""
+    if bundle.adapter_dir is None or not (bundle.path / ADAPTER_WEIGHTS).is_file():
+        return
+    path = bundle.path
+    try:
+        weights = load_file(path / ADAPTER_WEIGHTS)
+    except Exception as err:  # safetensors' own SafetensorError on a damaged header
+        raise ArtifactError(f"{path}: cannot read {ADAPTER_WEIGHTS} ({type(err).__name__}: {err})") from err
+    if bad := nonfinite(weights):
+        raise ArtifactError(f"{path}: {_nonfinite_message(bad, ADAPTER_WEIGHTS)}; the bundle is refused")
 
 
 def check_tensors(path: Path, m: Manifest, shapes: dict[str, tuple[int, ...]]) -> None:

@@ -102,6 +102,17 @@ class Tables:
         )
 
 
+def nonfinite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or infinity, sorted.
+
+    A diverged training run writes such tables or weights with valid checksums and shapes;
+    served, they would turn every score into NaN. Bundles are refused for them instead.
+    """
+    return sorted(
+        name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    )
+
+
 def tensor_problems(
     shapes: Mapping[str, tuple[int, ...]],
     slots: Iterable[Slot],

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sellarec.model.artifacts import (
+    ADAPTER_WEIGHTS,
     MANIFEST,
     TENSORS,
     ArtifactError,
@@ -24,7 +25,7 @@ from sellarec.model.artifacts import (
     verify_bundle,
 )
 from sellarec.model.backbone import BackboneInfo, load_backbone, random_backbone
-from sellarec.model.bundle import MF_USERS, PROJ_W
+from sellarec.model.bundle import MF_ITEMS, MF_USERS, PROJ_W
 from sellarec.model.compat import ModelIdentity, check_compatible, check_servable
 from sellarec.model.loader import load_scorer
 from sellarec.model.prompts import scoring_prompt
@@ -232,6 +233,42 @@ def test_a_bundle_cut_short_is_refused_by_the_loader_and_before_serving(tiny_bun
             ArtifactError, match="has <User_ID> but it holds no mf.users; the bundle is refused"
         ):
             check(cut)
+
+
+def _poisoned(src, dst, file, value):
+    """A copy of bundle `src` with one entry of the first tensor of `file` set to `value`,
+    re-checksummed: what a diverged training run would have written."""
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / file)
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = value
+    save_file(tensors, dst / file)
+    manifest = Manifest.model_validate_json((dst / MANIFEST).read_text())
+    manifest.checksums[file] = sha256_file(dst / file)
+    (dst / MANIFEST).write_text(manifest.model_dump_json())
+    return dst, name
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_bundle_with_nonfinite_tables_is_not_written(tmp_path, value):
+    path, tensors, catalog = _small(tmp_path)
+    manifest = load_bundle(path).manifest
+    tensors[MF_ITEMS][1, 2] = value
+    expected = "not written, tensors.safetensors holds NaN or infinite values in mf.items"
+    with pytest.raises(ArtifactError, match=expected):
+        save_bundle(tmp_path / "diverged", manifest, tensors, catalog)
+    assert not (tmp_path / "diverged").exists()
+
+
+@pytest.mark.parametrize("file", [TENSORS, ADAPTER_WEIGHTS])
+def test_a_bundle_holding_nan_is_refused_by_the_loader(tiny_bundle_dir, tmp_path, file):
+    load_bundle(tiny_bundle_dir)  # the original loads
+    poisoned, name = _poisoned(tiny_bundle_dir, tmp_path / "nan", file, float("nan"))
+    verify_bundle(poisoned)  # the checksums agree: only the finiteness check can catch it
+    with pytest.raises(ArtifactError, match=f"{file} holds NaN or infinite values in {name} .*refused"):
+        load_bundle(poisoned)
+    with pytest.raises(ArtifactError, match="NaN or infinite"):
+        load_scorer(poisoned)
 
 
 def test_check_servable_passes_an_llm_bundle_and_refuses_one_without_an_llm(tiny_bundle_dir, tmp_path):
