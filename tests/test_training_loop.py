@@ -290,3 +290,60 @@ def test_a_negative_table_rate_is_refused(tiny_backbone_dir):
     tables = stage3.SoftInputTables(torch.randn(5, 8), torch.randn(10, 8), None)
     with pytest.raises(ValueError, match="table_lr"):
         stage3.train_stage3(scorer, tables, _frame(), Stage3Config(table_lr=-1.0), 0, progress=False)
+
+
+def test_centered_semantic_inputs_fold_into_the_plain_layer():
+    torch.manual_seed(0)
+    semantic = 40.0 * torch.randn(1, 16) + torch.randn(50, 16)  # one shared direction, small spread
+    centered = stage3.CenteredInputs.over(torch.nn.Linear(16, 12), semantic)
+    assert torch.allclose(centered.mean, semantic.mean(0))
+    assert torch.allclose((semantic - centered.mean).norm(dim=1).median(), torch.tensor(centered.spread))
+    folded = centered.folded()
+    assert type(folded) is torch.nn.Linear
+    assert torch.allclose(folded(semantic), centered(semantic), atol=1e-4)
+    fresh = torch.randn(7, 16) * 30  # rows it never saw: the same map, not a fit to the table
+    assert torch.allclose(folded(fresh), centered(fresh), atol=1e-3, rtol=1e-5)
+    with pytest.raises(ValueError, match="spread"):
+        stage3.CenteredInputs(torch.nn.Linear(16, 12), semantic[0], 0.0)
+
+
+@pytest.mark.parametrize("inputs", [None, "centered"])
+def test_stage3_with_centered_semantics_saves_a_plain_projection(inputs, tiny_backbone_dir, monkeypatch):
+    folds = []
+    fold = stage3.CenteredInputs.folded
+    monkeypatch.setattr(stage3.CenteredInputs, "folded", lambda self: folds.append(self) or fold(self))
+    torch.manual_seed(0)
+    model, tok, info = load_backbone(str(tiny_backbone_dir))
+    scorer = SellaRec(
+        model,
+        tok,
+        TemplateSpec(),
+        proj_c=CollabProjector(8, info.hidden_size),
+        proj_w=SemanticProjector(info.hidden_size),
+    )
+    semantic = 20.0 * torch.randn(1, info.hidden_size) + torch.randn(10, info.hidden_size)
+    tables = stage3.SoftInputTables(torch.randn(5, 8), torch.randn(10, 8), semantic)
+    init = scorer.proj_w.net.weight.detach().clone()
+    cfg = Stage3Config(batch_size=2, lr=1e-2, semantic_inputs=inputs)
+    stage3.train_stage3(scorer, tables, _frame(), cfg, 0, progress=False)
+    # Either way the bundle's Proj W->L is a plain Linear with the keys the service loads.
+    assert type(scorer.proj_w.net) is torch.nn.Linear
+    assert set(scorer.proj_w.state_dict()) == {"net.weight", "net.bias", "out_norm"}
+    assert len(folds) == (inputs == "centered")
+    if folds:  # the stored layer is the map trained on centred inputs, and that one learned
+        trained = folds[0]
+        x = tables.semantic.detach()
+        assert torch.allclose(scorer.proj_w.net(x), trained(x), atol=1e-4)
+        assert trained.spread < 0.2 * float(x.norm(dim=1).median())  # the spread, not the shared part
+        assert not torch.equal(trained.linear.weight, init)
+    else:
+        assert not torch.equal(scorer.proj_w.net.weight, init)
+
+
+def test_an_unknown_semantic_input_mode_is_refused(tiny_backbone_dir):
+    model, tok, info = load_backbone(str(tiny_backbone_dir))
+    scorer = SellaRec(model, tok, TemplateSpec(), proj_c=CollabProjector(8, info.hidden_size))
+    tables = stage3.SoftInputTables(torch.randn(5, 8), torch.randn(10, 8), None)
+    with pytest.raises(ValueError, match="semantic_inputs"):
+        cfg = Stage3Config(semantic_inputs="whiten")
+        stage3.train_stage3(scorer, tables, _frame(), cfg, 0, progress=False)

@@ -144,6 +144,12 @@ class Stage3Config:
     #: AdamW learning rate of the MF and semantic tables (choice; None: `lr`, as the paper
     #: trains them with the rest; 0 freezes them, so stage 3 fits only the projections).
     table_lr: float | None = None
+    #: What Proj W->L is trained on (choice): None reads the distilled semantics as they are
+    #: (the paper); "centered" trains it on (s - mean) / spread over the items, so its steps
+    #: move what tells items apart rather than the direction every item shares (cosine 0.95
+    #: on SmolLM2), then folds mean and spread into its weights: the bundle and the serving
+    #: path are unchanged (training.stage3.CenteredInputs).
+    semantic_inputs: str | None = None
 
 
 @dataclass

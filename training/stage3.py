@@ -48,6 +48,43 @@ class SoftInputTables(nn.Module):
 
 SOFT_TOKEN_SCALES = ("backbone", "free")
 WARM_STARTS = (None, "anchored")
+SEMANTIC_INPUTS = (None, "centered")
+
+
+class CenteredInputs(nn.Module):
+    """A linear layer trained on `(x - mean) / spread`: `stage3.semantic_inputs=centered`.
+
+    The distilled semantics share one direction (mean pairwise cosine 0.95 on SmolLM2), so a
+    gradient step of Proj W->L on the raw vectors mostly moves that shared part, the same for
+    every item. Trained on centred, unit-spread inputs its steps act on what tells items
+    apart. `folded()` returns the plain layer computing the same map on raw inputs
+    (W / spread, b - W mean / spread), which is what the bundle stores.
+    """
+
+    def __init__(self, linear: nn.Linear, mean: torch.Tensor, spread: float) -> None:
+        super().__init__()
+        if not spread > 0:
+            raise ValueError(f"the semantics' spread must be > 0, not {spread}")
+        self.linear = linear
+        self.register_buffer("mean", mean.detach().clone().float())
+        self.spread = float(spread)
+
+    @classmethod
+    def over(cls, linear: nn.Linear, semantic: torch.Tensor) -> CenteredInputs:
+        """Centred on `semantic`'s mean row, scaled by the median norm of the centred rows."""
+        mean = semantic.detach().float().mean(0)
+        return cls(linear, mean, float((semantic.detach().float() - mean).norm(dim=1).median()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear((x - self.mean) / self.spread)
+
+    @torch.no_grad()
+    def folded(self) -> nn.Linear:
+        weight = self.linear.weight / self.spread
+        out = nn.Linear(weight.shape[1], weight.shape[0])
+        out.weight.copy_(weight)
+        out.bias.copy_(self.linear.bias - weight @ self.mean)
+        return out
 
 
 def build_scorer(
@@ -125,6 +162,11 @@ def train_stage3(
     uids = torch.as_tensor(train["uid"].to_numpy(copy=True), dtype=torch.long)
     iids = torch.as_tensor(train["iid"].to_numpy(copy=True), dtype=torch.long)
     labels = torch.as_tensor(train["label"].to_numpy(copy=True), dtype=torch.float32)
+    if cfg.semantic_inputs not in SEMANTIC_INPUTS:
+        raise ValueError(f"stage3.semantic_inputs: one of {SEMANTIC_INPUTS}, not {cfg.semantic_inputs!r}")
+    centered = cfg.semantic_inputs == "centered" and scorer.proj_w is not None and tables.semantic is not None
+    if centered:  # trained on centred inputs, folded back into a plain layer below
+        scorer.proj_w.net = CenteredInputs.over(scorer.proj_w.net, tables.semantic)
     projections = [p for p in (scorer.proj_c, scorer.proj_w) if p is not None]
     table_lr = cfg.lr if cfg.table_lr is None else cfg.table_lr
     if table_lr < 0:
@@ -172,6 +214,8 @@ def train_stage3(
         lr_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_steps, steps),
         progress=progress,
     )
+    if centered:
+        scorer.proj_w.net = scorer.proj_w.net.folded()
     for m in projections:
         m.eval().requires_grad_(False)
     run.log_summary(f"stage3 {list(scorer.spec.slots)}", len(train), cfg.epochs)

@@ -23,6 +23,7 @@ PAPER_SETTINGS: dict[str, str] = {
     "stage3.lr_schedule": "not stated",
     "stage3.soft_token_scale": "free (the projection's output as is)",
     "stage3.warm_start": "stage 2's aligned Proj C->L as is",
+    "stage3.semantic_inputs": "the distilled semantics as they are",
 }
 
 
@@ -110,6 +111,8 @@ def _ours(cfg: dict, key: str) -> str:
         return f"{value or 'constant'}" + (f" after {warmup} warm-up steps" if warmup else "")
     if name == "warm_start":
         return "as is (the paper)" if value is None else f"{value} (model.collab.anchored_warm_start)"
+    if name == "semantic_inputs":
+        return "as they are (the paper)" if value is None else f"{value} (training.stage3.CenteredInputs)"
     return "-" if value is None else str(value)
 
 
