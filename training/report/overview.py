@@ -69,10 +69,11 @@ def setup_section(r: Report) -> list[str]:
         f"- Seed {cfg['seed']}; configuration `{p.text(r.config)}` "
         "(every value is also in each bundle's manifest).",
         f"- Machine: {machine_line(r.results)}; {cfg['threads']} torch thread(s) per worker; "
-        f"{len(workers)} worker(s) in parallel over the shared stage caches: "
+        f"{len(workers)} recorded invocation(s) over the shared stage caches (a worker may run "
+        "several one after another): "
         + ", ".join(f"`{w}`" for w in workers)
         + ". Stages a worker finds cached are reused; the recorded invocation of each row says "
-        "which worker built it.",
+        "which invocation built it.",
         "",
         *budget_table(cfg),
         "",
