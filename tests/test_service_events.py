@@ -120,9 +120,7 @@ async def test_unknown_items_without_a_title_are_refused_and_nothing_is_recorded
         titled = await client.post(
             "/events", json={"user_id": "u1", "item_id": "nope", "label": 1, "title": "Nope (2030)"}
         )
-        unchanged = await client.post(
-            "/score", json={"user_id": "u1", "items": CANDIDATES, "history": None}
-        )
+        unchanged = await client.post("/score", json={"user_id": "u1", "items": CANDIDATES, "history": None})
         bad = await client.post("/events", json={"user_id": "u1", "item_id": "i4", "label": 2})
     assert refused.status_code == 422 and refused.json()["error"]["items"] == ["nope"]
     assert titled.json()["recorded"] == 1

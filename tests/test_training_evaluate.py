@@ -142,8 +142,16 @@ def test_cli_refuses_a_tampered_bundle_with_one_line_and_exit_1(tmp_path, tiny_b
     (bundle / "tensors.safetensors").write_bytes(bytes(data))
     t = factories.TITLES
     frame = pd.DataFrame(
-        {"uid": [0], "iid": [1], "label": [1], "timestamp": [1], "his": [[0]], "his_title": [[t[0]]],
-         "title": [t[1]], "not_cold": [1]}  # fmt: skip
+        {
+            "uid": [0],
+            "iid": [1],
+            "label": [1],
+            "timestamp": [1],
+            "his": [[0]],
+            "his_title": [[t[0]]],
+            "title": [t[1]],
+            "not_cold": [1],
+        }  # fmt: skip
     )
     frame.to_parquet(tmp_path / "split.parquet")
     out = tmp_path / "metrics.json"

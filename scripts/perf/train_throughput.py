@@ -61,7 +61,11 @@ def eval_rate(data: Dataset, rows: int, history: int, threads: int) -> float:
     torch.set_num_threads(threads)
     scorer, users, items = _collm(data, history)
     inputs = CollabInputs(
-        users, items, None, {str(u): u for u in range(len(users))}, {str(i): i for i in range(len(items))},
+        users,
+        items,
+        None,
+        {str(u): u for u in range(len(users))},
+        {str(i): i for i in range(len(items))},
         {"user": users.mean(0), "item": items.mean(0)},
     )
     frame = sample(data.valid, rows, 0)

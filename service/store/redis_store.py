@@ -202,9 +202,7 @@ class RedisStore(Store):
 
     kind = "redis"
 
-    def __init__(
-        self, client: Client, prefix: str = "sellarec", distilled_ttl_s: int = 7 * 86400
-    ) -> None:
+    def __init__(self, client: Client, prefix: str = "sellarec", distilled_ttl_s: int = 7 * 86400) -> None:
         self.client = client
         self.keys = Keys(prefix)
         self.distilled_ttl_s = distilled_ttl_s
@@ -216,9 +214,7 @@ class RedisStore(Store):
     ) -> RedisStore:
         return cls(connect(url, timeout_s, cluster), prefix, **kw)
 
-    async def _call(
-        self, what: str, fn: Callable[..., Awaitable[T]], *args: Any, attempts: int = 2
-    ) -> T:
+    async def _call(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any, attempts: int = 2) -> T:
         """Run `fn(*args)` with the retry policy; a store that stays down is StoreUnavailable."""
         try:
             async for attempt in retrying(attempts):
@@ -252,9 +248,7 @@ class RedisStore(Store):
         titles: Sequence[str],
         fold: str | None = None,
     ) -> Lookup:
-        return await self._call(
-            "lookup", self._lookup, version, user_id, list(item_ids), list(titles), fold
-        )
+        return await self._call("lookup", self._lookup, version, user_id, list(item_ids), list(titles), fold)
 
     async def _lookup(
         self, version: str, user_id: str | None, item_ids: list[str], titles: list[str], fold: str | None
@@ -304,9 +298,7 @@ class RedisStore(Store):
         for item_id, (title, item_collab, semantic) in zip(item_ids, replies[: len(item_ids)]):
             if item_collab is not None:
                 items[item_id] = ItemRecord(title.decode(), vector(item_collab), vector(semantic))
-        distilled = {
-            t: vector(raw) for t, raw in zip(titles, replies[len(item_ids) :]) if raw is not None
-        }
+        distilled = {t: vector(raw) for t, raw in zip(titles, replies[len(item_ids) :]) if raw is not None}
         return items, distilled
 
     async def cache_distilled(self, version: str, vectors: dict[str, np.ndarray]) -> None:

@@ -35,7 +35,7 @@ def fmt(x: float | None) -> str:
 
 
 def plus_minus(mean: float, std: float, sign: bool = False) -> str:
-    """"mean ± std", or the mean alone where std is NaN (one seed)."""
+    """ "mean ± std", or the mean alone where std is NaN (one seed)."""
     m = f"{mean:+.4f}" if sign else f"{mean:.4f}"
     return m if np.isnan(std) else f"{m} ± {std:.4f}"
 
