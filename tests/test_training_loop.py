@@ -53,6 +53,53 @@ def test_one_step_per_batch_with_the_loss_of_each_step_recorded():
     assert torch.equal(model.weight, reference.weight) and torch.equal(model.bias, reference.bias)
 
 
+def _bce(model: torch.nn.Linear):
+    def batch_loss(local: list[int], batch_size: int) -> torch.Tensor:
+        logits = model(X[local])[:, 0]
+        return F.binary_cross_entropy_with_logits(logits, Y[local], reduction="sum") / batch_size
+
+    return batch_loss
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.05])
+def test_gradient_norms_are_recorded_and_clipped_to_the_bound(max_norm):
+    model, optimizer = _linear()
+    params = list(model.parameters())
+    run = run_epochs(
+        "test", 2, lambda: BATCHES, _bce(model), optimizer, params, progress=False, max_grad_norm=max_norm
+    )
+
+    reference, ref_optimizer = _linear()
+    norms = []
+    for _ in range(2):
+        for batch in BATCHES:
+            ref_optimizer.zero_grad()
+            _bce(reference)(batch, len(batch)).backward()
+            grads = [p.grad for p in reference.parameters()]
+            norm = torch.cat([g.flatten() for g in grads]).norm().item()
+            norms.append(norm)
+            if max_norm is not None and norm > max_norm:  # the step takes the rescaled gradient
+                for g in grads:
+                    g.mul_(max_norm / norm)
+            ref_optimizer.step()
+    assert run.grad_norms == pytest.approx(norms, rel=1e-5)
+    assert torch.allclose(model.weight, reference.weight, atol=1e-6)
+    if max_norm is not None:  # the bound was active, so clipping changed the trajectory
+        assert max(norms) > max_norm
+        unclipped, opt = _linear()
+        run_epochs(
+            "test", 2, lambda: BATCHES, _bce(unclipped), opt, list(unclipped.parameters()), progress=False
+        )
+        assert not torch.allclose(unclipped.weight, model.weight, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+def test_a_bound_that_is_not_positive_is_refused(bad):
+    model, optimizer = _linear()
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        run_epochs("test", 1, lambda: BATCHES, _bce(model), optimizer, [], progress=False, max_grad_norm=bad)
+
+
 def test_the_scheduler_steps_once_per_optimiser_step():
     model, optimizer = _linear()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -100,7 +147,7 @@ def test_the_record_holds_the_curve_and_the_base_rate():
     metrics = run.metrics(rows=6, labels=torch.tensor([1.0, 0.0, 0.0, 0.0]))
     assert metrics["rows"] == 6 and metrics["seconds"] == 2.0
     assert metrics["loss_first"] == 0.9 and metrics["loss_last20"] == pytest.approx(0.7)
-    assert metrics["losses"] == [0.9, 0.7, 0.5]
+    assert metrics["losses"] == [0.9, 0.7, 0.5] and metrics["grad_norms"] == []
     assert metrics["base_rate_bce"] == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
     empty = loop.TrainingRun(losses=[], seconds=0.0).metrics(rows=0, labels=torch.tensor([]))
     assert empty["loss_first"] is None and empty["loss_last20"] is None
@@ -151,13 +198,14 @@ def _train_stage1(tiny_backbone_dir, tmp_path) -> dict:
     )
 
 
-def _train_stage3(tiny_backbone_dir) -> dict:
+def _train_stage3(tiny_backbone_dir, **settings) -> dict:
     torch.manual_seed(0)
     model, tok, info = load_backbone(str(tiny_backbone_dir))
     proj_c, proj_w = CollabProjector(8, info.hidden_size), SemanticProjector(info.hidden_size)
     scorer = SellaRec(model, tok, TemplateSpec(), proj_c=proj_c, proj_w=proj_w)
     tables = stage3.SoftInputTables(torch.randn(5, 8), torch.randn(10, 8), torch.randn(10, info.hidden_size))
-    return stage3.train_stage3(scorer, tables, _frame(), Stage3Config(batch_size=2), 0, progress=False)
+    cfg = Stage3Config(batch_size=2, **settings)
+    return stage3.train_stage3(scorer, tables, _frame(), cfg, 0, progress=False)
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage3"])
@@ -172,6 +220,22 @@ def test_both_stages_record_the_losses_of_the_shared_loop(stage, tiny_backbone_d
     assert spy.names == [stage]
     assert metrics["losses"] == spy.seen and len(spy.seen) == 3  # 5 rows, batches of 2
     assert metrics["rows"] == 5
+
+
+def test_stage3_clips_its_gradients_at_the_configured_bound(tiny_backbone_dir, monkeypatch):
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("max_grad_norm"))
+        return run_epochs(*args, **kwargs)
+
+    monkeypatch.setattr(stage3, "run_epochs", spy)
+    free = _train_stage3(tiny_backbone_dir)
+    clipped = _train_stage3(tiny_backbone_dir, max_grad_norm=1e-3)
+    assert seen == [None, 1e-3]
+    assert len(free["grad_norms"]) == 3 and all(n > 1e-3 for n in free["grad_norms"])
+    assert clipped["grad_norms"][0] == pytest.approx(free["grad_norms"][0], rel=1e-4)  # same first step
+    assert clipped["losses"][1:] != free["losses"][1:]  # then the smaller steps show
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage3"])

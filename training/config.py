@@ -150,6 +150,10 @@ class Stage3Config:
     #: on SmolLM2), then folds mean and spread into its weights: the bundle and the serving
     #: path are unchanged (training.stage3.CenteredInputs).
     semantic_inputs: str | None = None
+    #: Largest global L2 norm of the summed gradient of one step (choice; None: unclipped, as
+    #: in the paper). A larger gradient is scaled down to this norm before the optimiser step,
+    #: so one step's spike does not enter Adam's moments at full size.
+    max_grad_norm: float | None = None
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ class TrainingRun:
     losses: list[float]
     #: Wall time of the loop.
     seconds: float
+    #: Global L2 norm of the summed gradient of every step, before any clipping.
+    grad_norms: list[float] = field(default_factory=list)
 
     def last20(self) -> float | None:
         """Mean loss of the last 20 steps (None without steps)."""
@@ -48,6 +50,7 @@ class TrainingRun:
             "loss_first": self.losses[0] if self.losses else None,
             "loss_last20": self.last20(),
             "losses": self.losses,
+            "grad_norms": self.grad_norms,
             "base_rate_bce": base_rate_bce(labels),
         }
 
@@ -100,11 +103,16 @@ def run_epochs(
     params: Sequence[torch.nn.Parameter],
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     progress: bool = True,
+    max_grad_norm: float | None = None,
 ) -> TrainingRun:
     """`epochs` passes over `batches()` (called once per epoch, so a seeded generator it
-    draws from gives the same order on every process), one optimiser step per batch."""
+    draws from gives the same order on every process), one optimiser step per batch; with
+    `max_grad_norm` the summed gradient is clipped to that global L2 norm before each step."""
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 or unset, not {max_grad_norm}")
     w = world()
     losses: list[float] = []
+    grad_norms: list[float] = []
     start = time.perf_counter()
     for epoch in range(epochs):
         bar = tqdm(batches(), desc=f"{name} epoch {epoch}", disable=not progress, unit="batch")
@@ -116,9 +124,15 @@ def run_epochs(
                 loss = batch_loss(local, len(batch))
                 loss.backward()
             sum_gradients(params, w)
+            # Norm of the summed gradient (the same on every process), recorded before clipping.
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            if max_grad_norm is not None and grads:
+                torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
+            grad_norms.append(float(norm))
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             losses.append(total(loss.item(), w))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-    return TrainingRun(losses, time.perf_counter() - start)
+    return TrainingRun(losses, time.perf_counter() - start, grad_norms)

@@ -213,6 +213,7 @@ def train_stage3(
         params,
         lr_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_steps, steps),
         progress=progress,
+        max_grad_norm=cfg.max_grad_norm,
     )
     if centered:
         scorer.proj_w.net = scorer.proj_w.net.folded()
