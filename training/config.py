@@ -139,7 +139,8 @@ class Stage3Config:
     warmup_steps: int | None = None
     #: How the warm-started Proj C->L (SeLLa-Rec) enters stage 3 (choice): None loads stage 2's
     #: aligned projection as it is (the paper); "anchored" keeps its directions but starts every
-    #: token near one shared anchor, as a fresh projection does (model.collab.anchored_warm_start).
+    #: token near one shared anchor, as a fresh projection does (model.collab.anchored_warm_start);
+    #: "balanced" also gives it a fresh projection's step sizes (model.collab.balanced_warm_start).
     warm_start: str | None = None
     #: AdamW learning rate of the MF and semantic tables (choice; None: `lr`, as the paper
     #: trains them with the rest; 0 freezes them, so stage 3 fits only the projections).

@@ -18,7 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sellarec.model.backbone import load_backbone
-from sellarec.model.collab import CollabProjector, SemanticProjector, anchored_warm_start, vocabulary_norm
+from sellarec.model.collab import (
+    CollabProjector,
+    SemanticProjector,
+    anchored_warm_start,
+    balanced_warm_start,
+    vocabulary_norm,
+)
 from sellarec.model.encoding import Encoded
 from sellarec.model.lora import load_lora, merge
 from sellarec.model.prompts import Slot, TemplateSpec
@@ -47,7 +53,7 @@ class SoftInputTables(nn.Module):
 
 
 SOFT_TOKEN_SCALES = ("backbone", "free")
-WARM_STARTS = (None, "anchored")
+WARM_STARTS = (None, "anchored", "balanced")
 SEMANTIC_INPUTS = (None, "centered")
 
 
@@ -103,7 +109,8 @@ def build_scorer(
     `soft_token_scale` "backbone" pins the projections' output norm to the vocabulary's
     median embedding norm (model.collab._Projector); "free" leaves it as the paper does.
     `warm_start` "anchored" re-bases the warm start on a fresh projection's geometry over the
-    MF rows `collab_inputs` (model.collab.anchored_warm_start); None loads it as it is.
+    MF rows `collab_inputs` (model.collab.anchored_warm_start), "balanced" also on its step
+    sizes (model.collab.balanced_warm_start); None loads it as it is.
     """
     if soft_token_scale not in SOFT_TOKEN_SCALES:
         raise ValueError(f"stage3.soft_token_scale: one of {SOFT_TOKEN_SCALES}, not {soft_token_scale!r}")
@@ -117,10 +124,11 @@ def build_scorer(
     uses_collab = Slot.USER in spec.slots or Slot.ITEM in spec.slots
     proj_c = CollabProjector(collab_dim, info.hidden_size, out_norm=norm) if uses_collab else None
     if proj_c is not None and proj_c_state:
-        if warm_start == "anchored":
+        if warm_start is not None:
             if collab_inputs is None:
-                raise ValueError("an anchored warm start needs the MF rows it will project")
-            proj_c_state = anchored_warm_start(proj_c, proj_c_state, collab_inputs.float())
+                raise ValueError(f"a {warm_start} warm start needs the MF rows it will project")
+            rebase = anchored_warm_start if warm_start == "anchored" else balanced_warm_start
+            proj_c_state = rebase(proj_c, proj_c_state, collab_inputs.float())
         proj_c.load_state_dict(proj_c_state | {"out_norm": torch.tensor(norm)})  # warm start from stage 2
     proj_w = SemanticProjector(info.hidden_size, out_norm=norm) if Slot.WARM in spec.slots else None
     return SellaRec(model, tokenizer, spec, proj_c=proj_c, proj_w=proj_w)
