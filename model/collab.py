@@ -247,7 +247,9 @@ def balanced_warm_start(
        ||J v|| over the rows, v a random unit direction) equals the fresh projection's;
     3. the mean output is the fresh projection's, as in the anchored start.
 
-    Only weights change; the result is an ordinary Proj C->L state dict.
+    Only weights change; the result is an ordinary Proj C->L state dict. Measured at seed 0 it
+    did not keep the run from failing (a gradient spike late in stage 3, docs/results.md), so
+    the ML-1M config keeps "anchored"; this stays an option.
     """
     proj = CollabProjector.from_state(aligned)
     c = fresh.net[0].weight.norm() / proj.net[0].weight.norm().clamp_min(1e-12)

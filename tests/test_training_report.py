@@ -252,3 +252,17 @@ def test_absolute_paths_inside_a_command_line_are_rewritten():
         "sellarec-train run mf --config .../exp.yaml --out RUNS/exp --set data.train=DATA/t.parquet"
     )
     assert style.text("AUC / UAUC, Proj C->L, a/b") == "AUC / UAUC, Proj C->L, a/b"
+
+
+def test_the_budget_table_names_each_warm_start_and_the_clipping_bound():
+    from sellarec.training.report.overview import budget_table
+
+    def row(stage3: dict, key: str) -> str:
+        cfg = {"stage1": {"target_modules": ["q_proj", "v_proj"]}, "stage3": {"budget": 2048} | stage3}
+        return next(line for line in budget_table(cfg) if line.startswith(f"| `{key}` |"))
+
+    assert "as is (the paper)" in row({"warm_start": None}, "stage3.warm_start")
+    assert "balanced_warm_start" in row({"warm_start": "balanced"}, "stage3.warm_start")
+    assert "anchored_warm_start" in row({"warm_start": "anchored"}, "stage3.warm_start")
+    assert "| unclipped |" in row({}, "stage3.max_grad_norm")
+    assert "norm 1.0" in row({"max_grad_norm": 1.0}, "stage3.max_grad_norm")

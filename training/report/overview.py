@@ -24,6 +24,7 @@ PAPER_SETTINGS: dict[str, str] = {
     "stage3.soft_token_scale": "free (the projection's output as is)",
     "stage3.warm_start": "stage 2's aligned Proj C->L as is",
     "stage3.semantic_inputs": "the distilled semantics as they are",
+    "stage3.max_grad_norm": "not stated",
 }
 
 
@@ -111,7 +112,9 @@ def _ours(cfg: dict, key: str) -> str:
         warmup = cfg[section].get("warmup_steps")
         return f"{value or 'constant'}" + (f" after {warmup} warm-up steps" if warmup else "")
     if name == "warm_start":
-        return "as is (the paper)" if value is None else f"{value} (model.collab.anchored_warm_start)"
+        return "as is (the paper)" if value is None else f"{value} (model.collab.{value}_warm_start)"
+    if name == "max_grad_norm":
+        return "unclipped" if value is None else f"summed gradient clipped to L2 norm {value}"
     if name == "semantic_inputs":
         return "as they are (the paper)" if value is None else f"{value} (training.stage3.CenteredInputs)"
     return "-" if value is None else str(value)
