@@ -208,11 +208,23 @@ def anchored_warm_start(
     proj = CollabProjector.from_state(aligned)
     new, old = fresh.net(inputs), proj.net(inputs)
     spread = lambda y: (y - y.mean(0)).norm(dim=-1).median().clamp_min(1e-12)  # noqa: E731
-    k = spread(new) / spread(old)
+    return _rebased(aligned, proj, new, old, spread(new) / spread(old))
+
+
+def _rebased(
+    aligned: dict[str, torch.Tensor],
+    proj: CollabProjector,
+    fresh_out: torch.Tensor,
+    proj_out: torch.Tensor,
+    k: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """`aligned` with `proj`'s first-layer weights and its deviations scaled by `k` around
+    the fresh projection's mean output: new(x) = mean fresh(x) + k (proj(x) - mean proj(x))."""
     state = {name: t.clone() for name, t in aligned.items()}
+    state["net.0.weight"] = proj.net[0].weight.clone()
     last = proj.net[2]
     state["net.2.weight"] = k * last.weight
-    state["net.2.bias"] = new.mean(0) - k * (old.mean(0) - last.bias)
+    state["net.2.bias"] = fresh_out.mean(0) - k * (proj_out.mean(0) - last.bias)
     return state
 
 
@@ -256,12 +268,7 @@ def balanced_warm_start(
     proj.net[0].weight.mul_(c)  # the bias stays: each unit keeps its GELU slope
     proj.net[2].weight.div_(c)
     k = _sensitivity(fresh.net, inputs) / _sensitivity(proj.net, inputs)
-    new, old = fresh.net(inputs), proj.net(inputs)
-    state = {name: t.clone() for name, t in aligned.items()}
-    state["net.0.weight"] = proj.net[0].weight.clone()
-    state["net.2.weight"] = k * proj.net[2].weight
-    state["net.2.bias"] = new.mean(0) - k * (old.mean(0) - proj.net[2].bias)
-    return state
+    return _rebased(aligned, proj, fresh.net(inputs), proj.net(inputs), k)
 
 
 def vocabulary_norm(embeddings: torch.Tensor) -> float:

@@ -29,15 +29,18 @@ def _linear() -> tuple[torch.nn.Linear, torch.optim.Optimizer]:
     return model, torch.optim.SGD(model.parameters(), lr=0.5)
 
 
-def test_one_step_per_batch_with_the_loss_of_each_step_recorded():
-    model, optimizer = _linear()
-
+def _bce(model: torch.nn.Linear):
     def batch_loss(local: list[int], batch_size: int) -> torch.Tensor:
         logits = model(X[local])[:, 0]
         return F.binary_cross_entropy_with_logits(logits, Y[local], reduction="sum") / batch_size
 
+    return batch_loss
+
+
+def test_one_step_per_batch_with_the_loss_of_each_step_recorded():
+    model, optimizer = _linear()
     params = list(model.parameters())
-    run = run_epochs("test", 2, lambda: BATCHES, batch_loss, optimizer, params, progress=False)
+    run = run_epochs("test", 2, lambda: BATCHES, _bce(model), optimizer, params, progress=False)
 
     reference, ref_optimizer = _linear()
     expected = []
@@ -51,14 +54,6 @@ def test_one_step_per_batch_with_the_loss_of_each_step_recorded():
             expected.append(loss.item())
     assert run.losses == expected
     assert torch.equal(model.weight, reference.weight) and torch.equal(model.bias, reference.bias)
-
-
-def _bce(model: torch.nn.Linear):
-    def batch_loss(local: list[int], batch_size: int) -> torch.Tensor:
-        logits = model(X[local])[:, 0]
-        return F.binary_cross_entropy_with_logits(logits, Y[local], reduction="sum") / batch_size
-
-    return batch_loss
 
 
 @pytest.mark.parametrize("max_norm", [None, 0.05])
