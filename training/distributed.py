@@ -11,6 +11,7 @@ run) everything here is a no-op. Only rank 0 writes stage caches and bundles.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,9 +42,18 @@ def world() -> World:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
+        # Leave the group before the interpreter tears its threads down: a process that exits
+        # with the group alive can abort in the backend's destructor ("terminate called
+        # without an active exception"), failing a run whose work is done.
+        atexit.register(_leave)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return World(rank=dist.get_rank(), size=dist.get_world_size())
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard(batch: Sequence[int], w: World) -> list[int]:
