@@ -406,3 +406,19 @@ def test_an_unknown_semantic_input_mode_is_refused(tiny_backbone_dir):
     with pytest.raises(ValueError, match="semantic_inputs"):
         cfg = Stage3Config(semantic_inputs="whiten")
         stage3.train_stage3(scorer, tables, _frame(), cfg, 0, progress=False)
+
+
+def test_named_groups_record_their_own_gradient_norms_which_make_up_the_global_one(tiny_backbone_dir):
+    metrics = _train_stage3(tiny_backbone_dir)
+    groups = metrics["group_grad_norms"]
+    assert set(groups) == {"tables", "proj_c", "proj_w"}
+    assert all(len(norms) == len(metrics["grad_norms"]) == 3 for norms in groups.values())
+    assert all(n > 0 for norms in groups.values() for n in norms)
+    for step, total_norm in enumerate(metrics["grad_norms"]):
+        parts = torch.tensor([groups[name][step] for name in groups])
+        assert float(parts.norm()) == pytest.approx(total_norm, rel=1e-5)
+
+
+def test_frozen_tables_record_no_gradient_group(tiny_backbone_dir):
+    metrics = _train_stage3(tiny_backbone_dir, table_lr=0.0)
+    assert set(metrics["group_grad_norms"]) == {"proj_c", "proj_w"}

@@ -37,6 +37,9 @@ class TrainingRun:
     seconds: float
     #: Global L2 norm of the summed gradient of every step, before any clipping.
     grad_norms: list[float] = field(default_factory=list)
+    #: The same norm per named optimiser parameter group ({"name": ...} in the group), so a
+    #: spike can be traced to the part of the model it came from.
+    group_grad_norms: dict[str, list[float]] = field(default_factory=dict)
 
     def last20(self) -> float | None:
         """Mean loss of the last 20 steps (None without steps)."""
@@ -51,6 +54,7 @@ class TrainingRun:
             "loss_last20": self.last20(),
             "losses": self.losses,
             "grad_norms": self.grad_norms,
+            "group_grad_norms": self.group_grad_norms,
             "base_rate_bce": base_rate_bce(labels),
         }
 
@@ -113,6 +117,8 @@ def run_epochs(
     w = world()
     losses: list[float] = []
     grad_norms: list[float] = []
+    named = [g for g in optimizer.param_groups if "name" in g]
+    by_group: dict[str, list[float]] = {g["name"]: [] for g in named}
     start = time.perf_counter()
     for epoch in range(epochs):
         bar = tqdm(batches(), desc=f"{name} epoch {epoch}", disable=not progress, unit="batch")
@@ -130,9 +136,12 @@ def run_epochs(
             if max_grad_norm is not None and grads:
                 torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
             grad_norms.append(float(norm))
+            for g in named:
+                own = [p.grad for p in g["params"] if p.grad is not None]
+                by_group[g["name"]].append(float(torch.nn.utils.get_total_norm(own)) if own else 0.0)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             losses.append(total(loss.item(), w))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-    return TrainingRun(losses, time.perf_counter() - start, grad_norms)
+    return TrainingRun(losses, time.perf_counter() - start, grad_norms, by_group)

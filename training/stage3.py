@@ -180,9 +180,16 @@ def train_stage3(
     if table_lr < 0:
         raise ValueError(f"stage3.table_lr must be >= 0, not {table_lr}")
     tables.requires_grad_(table_lr > 0)  # 0: the tables stay as stage 2 left them
+    # One group per part (the names label the per-group gradient norms of done.json); the two
+    # projections share their settings, so splitting them changes no step.
+    table_params = list(tables.parameters()) if table_lr > 0 else []
     groups = [
-        {"params": list(tables.parameters()) if table_lr > 0 else [], "weight_decay": 0.0, "lr": table_lr},
-        {"params": [p for m in projections for p in m.parameters()], "weight_decay": cfg.weight_decay},
+        {"name": "tables", "params": table_params, "weight_decay": 0.0, "lr": table_lr},
+        *(
+            {"name": name, "params": list(m.parameters()), "weight_decay": cfg.weight_decay}
+            for name, m in (("proj_c", scorer.proj_c), ("proj_w", scorer.proj_w))
+            if m is not None
+        ),
     ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
     params = [p for g in groups for p in g["params"]]
