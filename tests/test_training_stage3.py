@@ -75,8 +75,8 @@ def test_split_prompt_concatenates_to_the_whole_prompt(tiny_backbone_dir):
 
 
 def test_shared_instruction_head_gives_the_plain_scores(tiny_backbone_dir):
+    from sellarec.model.shared_head import SharedHead
     from sellarec.training.batches import prefix_groups
-    from sellarec.training.prefix import SharedHead
 
     scorer, tables, frame = _setup(tiny_backbone_dir)
     uids, iids = torch.tensor(frame["uid"].to_numpy()), torch.tensor(frame["iid"].to_numpy())
@@ -97,7 +97,7 @@ def test_shared_instruction_head_gives_the_plain_scores(tiny_backbone_dir):
 
 
 def test_shared_head_in_split_loss_gives_the_same_loss(tiny_backbone_dir):
-    from sellarec.training.prefix import SharedHead
+    from sellarec.model.shared_head import SharedHead
 
     scorer, tables, frame = _setup(tiny_backbone_dir)
     uids, iids = torch.tensor(frame["uid"].to_numpy()), torch.tensor(frame["iid"].to_numpy())

@@ -20,8 +20,8 @@ from tqdm import tqdm
 from sellarec.model.artifacts import Bundle, load_bundle
 from sellarec.model.loader import load_scorer
 from sellarec.model.sella import SellaRec
+from sellarec.model.shared_head import SharedHead
 from sellarec.training.batches import CollabInputs, pack_groups, prefix_groups, row_prompts
-from sellarec.training.prefix import SharedHead
 
 log = logging.getLogger("sellarec.train")
 

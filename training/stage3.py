@@ -29,10 +29,10 @@ from sellarec.model.encoding import Encoded
 from sellarec.model.lora import load_lora, merge
 from sellarec.model.prompts import Slot, TemplateSpec
 from sellarec.model.sella import SellaRec
+from sellarec.model.shared_head import SharedHead
 from sellarec.training.batches import grouped_batches, row_prompts, split_before_first_slot
 from sellarec.training.config import Stage3Config
 from sellarec.training.loop import lr_scheduler, run_epochs
-from sellarec.training.prefix import SharedHead
 
 
 class SoftInputTables(nn.Module):

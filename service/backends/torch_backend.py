@@ -17,6 +17,7 @@ from peft import PeftModel
 from sellarec.model import fast_path
 from sellarec.model.encoding import Encoded
 from sellarec.model.sella import SellaRec
+from sellarec.model.shared_head import SharedHead
 
 
 class Backend(ABC):
@@ -77,12 +78,20 @@ class TorchBackend(Backend):
 
     On CPU in float32 the decoder's linear layers are packed for oneDNN at construction
     (`model.fast_path`, in place: the scorer is serving-only from then on), unless
-    `cpu_fast_path` is off or the LoRA is not merged.
+    `cpu_fast_path` is off or the LoRA is not merged. The template's instruction (the tokens
+    every user-level prefix opens with) runs once, at construction, and every request continues
+    its keys/values (`model.shared_head`); `shared_head=False` runs it with every request.
     """
 
     name = "torch"
 
-    def __init__(self, scorer: SellaRec, max_batch_tokens: int = 8192, cpu_fast_path: bool = True) -> None:
+    def __init__(
+        self,
+        scorer: SellaRec,
+        max_batch_tokens: int = 8192,
+        cpu_fast_path: bool = True,
+        shared_head: bool = True,
+    ) -> None:
         self.scorer = scorer
         self.max_batch_tokens = max_batch_tokens
         self.llm_dim = scorer.llm_dim
@@ -94,6 +103,9 @@ class TorchBackend(Backend):
         merged = not isinstance(scorer.backbone, PeftModel)
         if cpu_fast_path and merged and fast_path.supported(self.device, scorer.dtype):
             self.fast_path = fast_path.enable(scorer.decoder, scorer.llm_dim)
+        # The template's instruction, run once here (after the fast path, with the weights that
+        # will serve): every request continues its keys/values instead of running it again.
+        self.head: SharedHead | None = SharedHead.for_template(scorer) if shared_head else None
 
     @torch.inference_mode()
     def score(
@@ -121,7 +133,11 @@ class TorchBackend(Backend):
         order = sorted(shared, key=lambda p: len(prefixes[p]))
         groups = _greedy_chunks(order, lambda k, last: k * len(prefixes[last]), self.max_batch_tokens)
         for group in groups:
-            state = self.scorer.run_prefixes([prefixes[p] for p in group], prefix_vectors[group])
+            batch = [prefixes[p] for p in group]
+            if self.head is not None:
+                state = self.head.run(batch, prefix_vectors[group])
+            else:
+                state = self.scorer.run_prefixes(batch, prefix_vectors[group])
             width = state.mask.shape[1]
             local = {p: j for j, p in enumerate(group)}
             candidates = sorted((n for p in group for n in shared[p]), key=lambda n: len(suffixes[n]))
@@ -156,7 +172,12 @@ class TorchBackend(Backend):
         for chunk in _greedy_chunks(order, lambda k, last: k * len(prompts[last]), self.max_batch_tokens):
             vectors = suffix_vectors[chunk].clone()  # item and warm columns from the suffix ...
             vectors[:, 0] = prefix_vectors[[rows[n] for n in chunk], 0]  # ... the user's from the prefix
-            logits = self.scorer.score([prompts[n] for n in chunk], vectors)
+            batch = [prompts[n] for n in chunk]
+            logits = (
+                self.head.score(batch, vectors)
+                if self.head is not None
+                else self.scorer.score(batch, vectors)
+            )
             out[chunk] = torch.sigmoid(logits.float()).cpu()
 
     @torch.inference_mode()

@@ -4,6 +4,10 @@ once; each user-level prefix only runs its remainder on top of it.
 Training and offline evaluation run thousands of prompts that all open with the same
 instruction; `SharedHead` keeps its keys/values and continues them with
 `SellaRec.extend_prefixes`, which gives the numbers of running each prefix whole (tested).
+The serving backend keeps one for the template it serves (`SharedHead.for_template`), so a
+request only runs the tokens after the instruction (56 of SmolLM2's 177 prefix tokens).
+A prompt that does not open with the head takes the plain path, so the head only ever
+saves work: it never changes a score beyond float summation order.
 """
 
 from __future__ import annotations
@@ -13,7 +17,20 @@ from collections.abc import Sequence
 import torch
 
 from sellarec.model.encoding import Encoded
+from sellarec.model.prompts import user_prompt
 from sellarec.model.sella import PrefixState, SellaRec
+
+#: Histories whose user-level prefixes are compared to find the template's instruction: empty,
+#: and titles opening with a letter, a digit, a quote and punctuation, so that no history can
+#: merge tokens across the instruction's end without the probe seeing it.
+PROBE_HISTORIES: tuple[tuple[str, ...], ...] = (
+    (),
+    ("Toy Story (1995)",),
+    ("101 Dalmatians (1996)",),
+    ("'Til There Was You (1997)",),
+    ('"Weird Al" Yankovic Live! (1999)', "Heat (1995)"),
+    ("...And Justice for All (1979)",),
+)
 
 
 def common_head_length(prefixes: Sequence[Encoded]) -> int:
@@ -46,18 +63,35 @@ class SharedHead:
             with torch.no_grad():
                 self.state = scorer.run_prefixes([Encoded(self.ids)])
 
+    @classmethod
+    def for_template(cls, scorer: SellaRec) -> SharedHead:
+        """The head of the scorer's own template: the tokens every user-level prefix opens with."""
+        spec, encoder = scorer.spec, scorer.encoder
+        return cls(scorer, [encoder.segments(user_prompt(spec, list(h)), lead=True) for h in PROBE_HISTORIES])
+
+    def usable(self, prompts: Sequence[Encoded]) -> bool:
+        """Whether every prompt opens with the head and keeps its slots and a token past it."""
+        return self.state is not None and all(
+            p.ids[: self.length] == self.ids
+            and len(p) > self.length
+            and all(pos >= self.length for _, pos in p.slots)
+            for p in prompts
+        )
+
+    def score(self, prompts: Sequence[Encoded], vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """Same numbers as `scorer.score(prompts, vectors)`: each prompt's remainder runs once,
+        after the head's keys/values (one forward, as the plain path)."""
+        if not self.usable(prompts):
+            return self.scorer.score(prompts, vectors)
+        rows = torch.zeros(len(prompts), dtype=torch.long)
+        return self.scorer.score_suffixes(self.state, rows, [tail(p, self.length) for p in prompts], vectors)
+
     def run(self, prefixes: Sequence[Encoded], vectors: torch.Tensor | None = None) -> PrefixState:
         """Same numbers as `scorer.run_prefixes(prefixes, vectors)`, the shared head reused.
 
         `vectors` [n, 3, d_L] fill the slots of the prefixes (which all lie past the head).
         """
-        usable = self.state is not None and all(
-            p.ids[: self.length] == self.ids
-            and len(p) > self.length
-            and all(pos >= self.length for _, pos in p.slots)
-            for p in prefixes
-        )
-        if not usable:
+        if not self.usable(prefixes):
             return self.scorer.run_prefixes(prefixes, vectors)
         rows = torch.zeros(len(prefixes), dtype=torch.long)
         pieces = [tail(p, self.length) for p in prefixes]
