@@ -7,17 +7,20 @@
 - naive: each (user, candidate) pair's full prompt through the Hugging Face causal LM,
   padded batches, the full-vocabulary logits, softmax over Yes/No (on the plain model: the
   engine's CPU fast path is not applied to it);
-- engine: the service's torch backend (one prefix per request, keys/values shared by all
-  candidates, only the two answer rows of the head; on CPU in float32 the linear layers on
-  packed oneDNN weights, `model/fast_path.py`);
+- engine: the service's torch backend (the template's instruction run once at load,
+  `model/shared_head.py`; one prefix per request, keys/values shared by all candidates, only
+  the two answer rows of the head; on CPU in float32 the linear layers on packed oneDNN
+  weights, `model/fast_path.py`);
 - vllm (`--vllm`): the peer, vLLM's engine on the same model and the same spliced prompt
   embeddings (`service/backends/vllm_backend.py`: prompt_embeds, prefix caching, the two answer
-  log-probabilities), its prefix cache emptied before every timed request; on CPU its
-  worker gets the same number of threads as the engine (`--threads`);
+  log-probabilities). Before every timed request its prefix cache is emptied and then given
+  the instruction by another user's request (untimed), as a server's cache holds it under
+  traffic; `--no-vllm-head-cached` leaves it empty. On CPU its worker gets the same number
+  of threads as the engine (`--threads`);
 - roofline: the machine's best measured matmul FLOP/s (PyTorch's `aten::mm` or, on CPU,
   oneDNN on packed weights, whichever is faster) divided by the FLOPs one candidate needs
   when the prefix is shared (its suffix tokens through every linear layer, their attention
-  over prefix + suffix, and 1/N of the prefix).
+  over prefix + suffix, and 1/N of the prefix past the instruction the engine keeps).
 
 Random projections and soft vectors: speed does not depend on trained values. Without a
 GPU the default is SmolLM2-135M in fp32; `--arch qwen2-7b --device cuda --dtype bfloat16`
@@ -97,8 +100,10 @@ def matmul_flops(
     return {name: 2 * size**3 / min(_timed(fn, device, reps)) for name, fn in kernels.items()}
 
 
-def candidate_flops(model: torch.nn.Module, prefix: int, suffix: float, n: int) -> float:
-    """FLOPs of one candidate with a shared prefix (linear layers + attention + prefix / n)."""
+def candidate_flops(model: torch.nn.Module, prefix: int, suffix: float, n: int, cached: int = 0) -> float:
+    """FLOPs of one candidate with a shared prefix (linear layers + attention + prefix / n);
+    the first `cached` prefix tokens (the template's instruction, whose keys/values a server
+    keeps across requests) cost nothing per request."""
     config = model.config.get_text_config()
     layers = config.num_hidden_layers
     linear = sum(
@@ -110,7 +115,9 @@ def candidate_flops(model: torch.nn.Module, prefix: int, suffix: float, n: int) 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     attn_width = config.num_attention_heads * head_dim
     attention = 4 * layers * attn_width * suffix * (prefix + (suffix + 1) / 2)
-    prefix_cost = prefix * per_token + 2 * layers * attn_width * prefix * prefix
+    prefix_cost = (prefix - cached) * per_token + 2 * layers * attn_width * (
+        prefix * prefix - cached * cached
+    )
     return suffix * per_token + attention + prefix_cost / n
 
 
@@ -119,10 +126,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn: Callable[[], object], device: torch.device, reps: int) -> list[float]:
+def _timed(
+    fn: Callable[[], object], device: torch.device, reps: int, setup: Callable[[], object] | None = None
+) -> list[float]:
+    """Seconds of each of `reps` calls of `fn` after one warm-up; `setup` runs untimed before each."""
+    if setup is not None:
+        setup()
     fn()  # warm-up
     out = []
     for _ in range(reps):
+        if setup is not None:
+            setup()
         _sync(device)
         start = time.perf_counter()
         fn()
@@ -191,8 +205,8 @@ class Request:
     item_vec: torch.Tensor
 
     @classmethod
-    def of(cls, scorer: SellaRec, n: int) -> Request:
-        history, cands = titles(10, seed=1), titles(n, seed=100 + n)
+    def of(cls, scorer: SellaRec, n: int, history_seed: int = 1) -> Request:
+        history, cands = titles(10, seed=history_seed), titles(n, seed=100 + n)
         gen = torch.Generator().manual_seed(n)
         with torch.inference_mode():
             user_vec = scorer.soft_vectors(torch.randn(1, 256, generator=gen), None, None, 1)
@@ -239,7 +253,8 @@ def run_case(
         )
     engine_rate = n / min(engine_times)
     naive_rate = n / min(naive_times) if naive_times else None
-    roofline = flops / candidate_flops(scorer.backbone, len(req.prefix), suffix_len, n)
+    cached = backend.head.length if backend.head is not None and backend.head.usable([req.prefix]) else 0
+    roofline = flops / candidate_flops(scorer.backbone, len(req.prefix), suffix_len, n, cached)
     return Case(
         candidates=n,
         prefix_tokens=len(req.prefix),
@@ -257,16 +272,24 @@ def run_case(
     )
 
 
-def with_vllm(case: Case, scorer: SellaRec, peer: VllmBackend, reps: int) -> Case:
-    """`case` with vLLM's timings of the same request added."""
+def with_vllm(case: Case, scorer: SellaRec, peer: VllmBackend, reps: int, head_cached: bool = True) -> Case:
+    """`case` with vLLM's timings of the same request added. With `head_cached` its prefix
+    cache holds the instruction when the request arrives (as a server's does under traffic,
+    and as the engine keeps its own); without it, the cache is empty."""
     n = case.candidates
     req = Request.of(scorer, n)
 
+    other = Request.of(scorer, 1, history_seed=2) if head_cached else None
+
+    def fresh_cache() -> None:  # untimed
+        peer.llm.reset_prefix_cache()  # each timed request is new to vLLM's cache ...
+        if other is not None:  # ... but for the instruction, which another user's request left there
+            peer.score([other.prefix], other.user_vec, [0], other.suffixes, other.item_vec)
+
     def vllm_request() -> None:
-        peer.llm.reset_prefix_cache()  # each timed request is new to vLLM's cache
         peer.score([req.prefix], req.user_vec, [0] * n, req.suffixes, req.item_vec)
 
-    times = _timed(vllm_request, scorer.device, reps)
+    times = _timed(vllm_request, scorer.device, reps, setup=fresh_cache)
     rate = n / min(times)
     return replace(case, vllm_per_s=rate, vllm_p50_ms=_p50_ms(times), engine_vs_vllm=case.engine_per_s / rate)
 
@@ -340,6 +363,10 @@ def bench(
     max_batch_tokens: int = typer.Option(8192, help="Engine token budget per forward."),
     threads: int = typer.Option(0, help="torch threads, and vLLM's on CPU (0: leave the defaults)."),
     cpu_fast_path: bool = typer.Option(True, help="Engine on CPU fp32: linears on packed oneDNN weights."),
+    shared_head: bool = typer.Option(True, help="Engine: the template's instruction run once, at load."),
+    vllm_head_cached: bool = typer.Option(
+        True, help="vLLM: its prefix cache holds the instruction (another user's request) when timed."
+    ),
     tokenizer: str = typer.Option("auto", help="Random archs: smollm2, builtin, auto (smollm2 if cached)."),
     out: Path | None = typer.Option(None, help="Write the results as JSON here."),
     plot: Path | None = typer.Option(None, help="Draw candidates/s and p50 against size into this image."),
@@ -355,7 +382,9 @@ def bench(
     # plain one, as a straightforward implementation would have it.
     packs = cpu_fast_path and fast_path.supported(scorer.device, scorer.dtype)
     engine_scorer = copy.deepcopy(scorer) if packs and naive else scorer
-    backend = TorchBackend(engine_scorer, max_batch_tokens=max_batch_tokens, cpu_fast_path=cpu_fast_path)
+    backend = TorchBackend(
+        engine_scorer, max_batch_tokens=max_batch_tokens, cpu_fast_path=cpu_fast_path, shared_head=shared_head
+    )
     kernels = matmul_flops(scorer.device, torch_dtype)
     flops = max(kernels.values())
     cases = [run_case(scorer, backend, n, reps, naive and n <= naive_max, naive_batch, flops) for n in sizes]
@@ -365,7 +394,7 @@ def bench(
             # vLLM's backend builds a torch backend for distillation: give it the engine's model.
             peer = vllm_peer(engine_scorer, arch, max_batch_tokens, Path(work))
             try:
-                cases = [with_vllm(c, scorer, peer, reps) for c in cases]
+                cases = [with_vllm(c, scorer, peer, reps, vllm_head_cached) for c in cases]
             finally:
                 peer.close()
 
@@ -383,6 +412,8 @@ def bench(
         "threads": torch.get_num_threads(),
         "tokenizer": tokenizer_name,
         "engine_fast_path": backend.fast_path.active,
+        "engine_head_tokens": backend.head.length if backend.head is not None else 0,
+        "vllm_head_cached": vllm_head_cached if vllm else None,
         "vllm_threads_bind": vllm_binding or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
         "matmul_flops": flops,
         "matmul_flops_by_kernel": kernels,

@@ -14,7 +14,15 @@ import typer
 from typer.testing import CliRunner
 
 from sellarec.bench import workload
-from sellarec.bench.cli import SWEEP, bench, bind_vllm_threads, matmul_flops, parse_sizes
+from sellarec.bench.cli import (
+    SWEEP,
+    _timed,
+    bench,
+    bind_vllm_threads,
+    candidate_flops,
+    matmul_flops,
+    parse_sizes,
+)
 from sellarec.bench.gpu_check import check, spearman
 from sellarec.bench.plot import plot_sweep
 from sellarec.model.encoding import PromptEncoder
@@ -105,6 +113,7 @@ def test_bench_runs_every_path_on_a_tiny_model(tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
     assert record["engine_fast_path"] and record["tokenizer"] == "builtin"
+    assert record["engine_head_tokens"] > 0 and record["vllm_head_cached"] is None  # no --vllm
     assert set(record["matmul_flops_by_kernel"]) == {"aten", "onednn"}
     one, five = record["cases"]
     assert one["naive_per_s"] > 0 and five["naive_per_s"] is None  # --naive-max 1
@@ -151,3 +160,33 @@ def test_gpu_script_smoke_run_writes_its_results(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads((tmp_path / "gpu_check.json").read_text())["agreement"]["passed"]
     assert "PASS" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_the_cached_instruction_is_not_counted_in_the_roofline_work():
+    model = workload.build_scorer("tiny", "cpu", torch.float32, "builtin")[0].backbone
+    config = model.config
+    whole = candidate_flops(model, 100, 20, 1)
+    cached = candidate_flops(model, 100, 20, 1, cached=40)
+    linear = sum(
+        m.in_features * m.out_features
+        for n, m in model.named_modules()
+        if "layers." in n and isinstance(m, torch.nn.Linear)
+    )
+    per_token = 2 * linear + 4 * config.hidden_size
+    attention = (
+        2
+        * config.num_hidden_layers
+        * config.num_attention_heads
+        * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    )
+    assert whole - cached == pytest.approx(40 * per_token + attention * 40 * 40)
+    # Shared by many candidates, the prefix matters less and so does what is cached of it.
+    assert candidate_flops(model, 100, 20, 100) - candidate_flops(
+        model, 100, 20, 100, cached=40
+    ) == pytest.approx((whole - cached) / 100)
+
+
+def test_setup_runs_before_every_call_and_outside_the_timing():
+    calls = []
+    times = _timed(lambda: calls.append("fn"), torch.device("cpu"), 2, setup=lambda: calls.append("setup"))
+    assert calls == ["setup", "fn"] * 3 and len(times) == 2
