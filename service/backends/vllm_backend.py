@@ -157,7 +157,8 @@ class VllmBackend(Backend):
         self.options = options or VllmOptions()
         self.llm_dim = scorer.llm_dim
         self.device = scorer.device
-        self.distiller = TorchBackend(scorer, max_batch_tokens)  # distillation runs in torch
+        # Distillation runs in torch; it never scores, so it keeps no instruction.
+        self.distiller = TorchBackend(scorer, max_batch_tokens, shared_head=False)
         config = scorer.backbone.config.get_text_config()
         model_limit = int(getattr(config, "max_position_embeddings", None) or self.options.max_model_len)
         max_model_len = min(model_limit, self.options.max_model_len)
