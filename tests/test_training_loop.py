@@ -408,8 +408,12 @@ def test_an_unknown_semantic_input_mode_is_refused(tiny_backbone_dir):
         stage3.train_stage3(scorer, tables, _frame(), cfg, 0, progress=False)
 
 
-def test_named_groups_record_their_own_gradient_norms_which_make_up_the_global_one(tiny_backbone_dir):
-    metrics = _train_stage3(tiny_backbone_dir)
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-3])
+def test_named_groups_record_their_own_gradient_norms_which_make_up_the_global_one(
+    tiny_backbone_dir, max_grad_norm
+):
+    """Before any clipping, as the global norm is."""
+    metrics = _train_stage3(tiny_backbone_dir, max_grad_norm=max_grad_norm)
     groups = metrics["group_grad_norms"]
     assert set(groups) == {"tables", "proj_c", "proj_w"}
     assert all(len(norms) == len(metrics["grad_norms"]) == 3 for norms in groups.values())

@@ -133,12 +133,12 @@ def run_epochs(
             # Norm of the summed gradient (the same on every process), recorded before clipping.
             grads = [p.grad for p in params if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-            if max_grad_norm is not None and grads:
-                torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
             grad_norms.append(float(norm))
             for g in named:
                 own = [p.grad for p in g["params"] if p.grad is not None]
                 by_group[g["name"]].append(float(torch.nn.utils.get_total_norm(own)) if own else 0.0)
+            if max_grad_norm is not None and grads:
+                torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
