@@ -253,7 +253,7 @@ def run_case(
         )
     engine_rate = n / min(engine_times)
     naive_rate = n / min(naive_times) if naive_times else None
-    cached = backend.head.length if backend.head is not None and backend.head.usable([req.prefix]) else 0
+    cached = backend.head.length if backend.head.usable([req.prefix]) else 0
     roofline = flops / candidate_flops(scorer.backbone, len(req.prefix), suffix_len, n, cached)
     return Case(
         candidates=n,
@@ -412,7 +412,7 @@ def bench(
         "threads": torch.get_num_threads(),
         "tokenizer": tokenizer_name,
         "engine_fast_path": backend.fast_path.active,
-        "engine_head_tokens": backend.head.length if backend.head is not None else 0,
+        "engine_head_tokens": backend.head.length,
         "vllm_head_cached": vllm_head_cached if vllm else None,
         "vllm_threads_bind": vllm_binding or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
         "matmul_flops": flops,

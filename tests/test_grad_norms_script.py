@@ -23,7 +23,7 @@ def _done(tmp_path: Path) -> Path:
         "base_rate_bce": 0.69,
     }
     path = tmp_path / "done.json"
-    path.write_text(json.dumps({"stage": "bundle-sellarec", "metrics": {"stage3": record}}))
+    path.write_text(json.dumps({"stage": "bundle-sellarec", "metrics": record}))
     return path
 
 

@@ -19,16 +19,6 @@ from pathlib import Path
 import numpy as np
 
 
-def stage3_record(done: dict) -> dict:
-    """The record holding `grad_norms` anywhere inside a stage's done.json."""
-    if "grad_norms" in done:
-        return done
-    for value in done.values():
-        if isinstance(value, dict) and (found := stage3_record(value)):
-            return found
-    return {}
-
-
 def shares(record: dict, top: int = 10) -> dict[str, tuple[float, float]]:
     """Each part's share of the squared gradient norm: (over the `top` largest steps, median step)."""
     total = np.asarray(record["grad_norms"])
@@ -55,8 +45,8 @@ def main() -> None:
         parser.error("give one label per done.json")
     records = []
     for path, label in zip(args.done, labels, strict=True):
-        record = stage3_record(json.loads(path.read_text()))
-        if not record:
+        record = json.loads(path.read_text()).get("metrics") or {}
+        if "grad_norms" not in record:
             raise SystemExit(f"{path}: no gradient norms recorded (written before they were?)")
         norms = np.asarray(record["grad_norms"])
         parts = ", ".join(f"{k} {a:.2f} / {m:.2f}" for k, (a, m) in shares(record, args.top).items())

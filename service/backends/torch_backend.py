@@ -105,7 +105,8 @@ class TorchBackend(Backend):
             self.fast_path = fast_path.enable(scorer.decoder, scorer.llm_dim)
         # The template's instruction, run once here (after the fast path, with the weights that
         # will serve): every request continues its keys/values instead of running it again.
-        self.head: SharedHead | None = SharedHead.for_template(scorer) if shared_head else None
+        # Off, it is a head of no tokens: every prompt then takes the plain path.
+        self.head = SharedHead.for_template(scorer) if shared_head else SharedHead(scorer, ())
 
     @torch.inference_mode()
     def score(
@@ -133,11 +134,7 @@ class TorchBackend(Backend):
         order = sorted(shared, key=lambda p: len(prefixes[p]))
         groups = _greedy_chunks(order, lambda k, last: k * len(prefixes[last]), self.max_batch_tokens)
         for group in groups:
-            batch = [prefixes[p] for p in group]
-            if self.head is not None:
-                state = self.head.run(batch, prefix_vectors[group])
-            else:
-                state = self.scorer.run_prefixes(batch, prefix_vectors[group])
+            state = self.head.run([prefixes[p] for p in group], prefix_vectors[group])
             width = state.mask.shape[1]
             local = {p: j for j, p in enumerate(group)}
             candidates = sorted((n for p in group for n in shared[p]), key=lambda n: len(suffixes[n]))
@@ -172,12 +169,7 @@ class TorchBackend(Backend):
         for chunk in _greedy_chunks(order, lambda k, last: k * len(prompts[last]), self.max_batch_tokens):
             vectors = suffix_vectors[chunk].clone()  # item and warm columns from the suffix ...
             vectors[:, 0] = prefix_vectors[[rows[n] for n in chunk], 0]  # ... the user's from the prefix
-            batch = [prompts[n] for n in chunk]
-            logits = (
-                self.head.score(batch, vectors)
-                if self.head is not None
-                else self.scorer.score(batch, vectors)
-            )
+            logits = self.head.score([prompts[n] for n in chunk], vectors)
             out[chunk] = torch.sigmoid(logits.float()).cpu()
 
     @torch.inference_mode()
