@@ -17,6 +17,9 @@
   the instruction by another user's request (untimed), as a server's cache holds it under
   traffic; `--no-vllm-head-cached` leaves it empty. On CPU its worker gets the same number
   of threads as the engine (`--threads`);
+- `--returning-user`: each timed request comes from a user who sent an earlier request (one
+  other candidate, untimed): the engine's prefix cache (`service/backends/prefix_cache.py`)
+  and vLLM's hold that user's prefix; the roofline then counts no prefix FLOPs;
 - roofline: the machine's best measured matmul FLOP/s (PyTorch's `aten::mm` or, on CPU,
   oneDNN on packed weights, whichever is faster) divided by the FLOPs one candidate needs
   when the prefix is shared (its suffix tokens through every linear layer, their attention
@@ -56,6 +59,8 @@ from sellarec.service.backends.torch_backend import TorchBackend
 if TYPE_CHECKING:  # vLLM is optional: imported only when --vllm asks for it
     from sellarec.service.backends.vllm_backend import VllmBackend
 
+#: Prefix cache of the engine under `--returning-user` (the service's default budget).
+PREFIX_CACHE_BYTES = 256 << 20
 #: The size sweep of `--candidates sweep`.
 SWEEP = (1, 5, 20, 100, 500)
 
@@ -231,12 +236,16 @@ def run_case(
     naive: bool,
     naive_batch: int,
     flops: float,
+    returning: bool = False,
 ) -> Case:
     """Time one rerank size on our paths; `scorer` is the plain model (the naive path's).
 
     vLLM is timed afterwards (`with_vllm`), once these timings are done: its engine-core and
     worker processes, idle between its requests, took about a fifth of the engine's rate at
     one candidate when they were alive beside it (docs/performance.md).
+
+    `returning`: each timed request comes from a user whose earlier request (another
+    candidate, untimed) the backend's prefix cache kept, as vLLM's keeps it (`with_vllm`).
     """
     device = scorer.device
     req = Request.of(scorer, n)
@@ -245,7 +254,8 @@ def run_case(
     def engine() -> None:
         backend.score([req.prefix], req.user_vec, [0] * n, req.suffixes, req.item_vec)
 
-    engine_times = _timed(engine, device, reps)
+    setup = _earlier_request(scorer, req, backend.score, backend.prefix_cache.clear) if returning else None
+    engine_times = _timed(engine, device, reps, setup=setup)
     naive_times = None
     if naive:
         naive_times = _timed(
@@ -253,7 +263,7 @@ def run_case(
         )
     engine_rate = n / min(engine_times)
     naive_rate = n / min(naive_times) if naive_times else None
-    cached = backend.head.length if backend.head.usable([req.prefix]) else 0
+    cached = len(req.prefix) if returning else backend.head.length if backend.head.usable([req.prefix]) else 0
     roofline = flops / candidate_flops(scorer.backbone, len(req.prefix), suffix_len, n, cached)
     return Case(
         candidates=n,
@@ -272,10 +282,34 @@ def run_case(
     )
 
 
-def with_vllm(case: Case, scorer: SellaRec, peer: VllmBackend, reps: int, head_cached: bool = True) -> Case:
+def _earlier_request(
+    scorer: SellaRec, req: Request, score: Callable[..., object], forget: Callable[[], object]
+) -> Callable[[], None]:
+    """Untimed set-up: `forget` what a backend kept, then `score` the same user's earlier
+    request of one other candidate, which leaves the user's prefix (and only it) in its cache."""
+    title = next(t for t in titles(len(req.cands) + 1, seed=7) if t not in req.cands)
+    earlier = [scorer.encoder.segments(item_prompt(scorer.spec, title))]
+    vector = req.item_vec[:1].flip(-1)  # another item's vectors
+
+    def setup() -> None:
+        forget()
+        score([req.prefix], req.user_vec, [0], earlier, vector)
+
+    return setup
+
+
+def with_vllm(
+    case: Case,
+    scorer: SellaRec,
+    peer: VllmBackend,
+    reps: int,
+    head_cached: bool = True,
+    returning: bool = False,
+) -> Case:
     """`case` with vLLM's timings of the same request added. With `head_cached` its prefix
     cache holds the instruction when the request arrives (as a server's does under traffic,
-    and as the engine keeps its own); without it, the cache is empty."""
+    and as the engine keeps its own); without it, the cache is empty. `returning`: it holds
+    the user's whole prefix, from the same user's earlier request."""
     n = case.candidates
     req = Request.of(scorer, n)
 
@@ -289,7 +323,9 @@ def with_vllm(case: Case, scorer: SellaRec, peer: VllmBackend, reps: int, head_c
     def vllm_request() -> None:
         peer.score([req.prefix], req.user_vec, [0] * n, req.suffixes, req.item_vec)
 
-    times = _timed(vllm_request, scorer.device, reps, setup=fresh_cache)
+    forget = peer.llm.reset_prefix_cache
+    setup = _earlier_request(scorer, req, peer.score, forget) if returning else fresh_cache
+    times = _timed(vllm_request, scorer.device, reps, setup=setup)
     rate = n / min(times)
     return replace(case, vllm_per_s=rate, vllm_p50_ms=_p50_ms(times), engine_vs_vllm=case.engine_per_s / rate)
 
@@ -367,6 +403,9 @@ def bench(
     vllm_head_cached: bool = typer.Option(
         True, help="vLLM: its prefix cache holds the instruction (another user's request) when timed."
     ),
+    returning_user: bool = typer.Option(
+        False, help="Each timed request from a user both sides kept from an earlier request (prefix caches)."
+    ),
     tokenizer: str = typer.Option("auto", help="Random archs: smollm2, builtin, auto (smollm2 if cached)."),
     out: Path | None = typer.Option(None, help="Write the results as JSON here."),
     plot: Path | None = typer.Option(None, help="Draw candidates/s and p50 against size into this image."),
@@ -383,18 +422,25 @@ def bench(
     packs = cpu_fast_path and fast_path.supported(scorer.device, scorer.dtype)
     engine_scorer = copy.deepcopy(scorer) if packs and naive else scorer
     backend = TorchBackend(
-        engine_scorer, max_batch_tokens=max_batch_tokens, cpu_fast_path=cpu_fast_path, shared_head=shared_head
+        engine_scorer,
+        max_batch_tokens=max_batch_tokens,
+        cpu_fast_path=cpu_fast_path,
+        shared_head=shared_head,
+        prefix_cache_bytes=PREFIX_CACHE_BYTES if returning_user else 0,
     )
     kernels = matmul_flops(scorer.device, torch_dtype)
     flops = max(kernels.values())
-    cases = [run_case(scorer, backend, n, reps, naive and n <= naive_max, naive_batch, flops) for n in sizes]
+    cases = [
+        run_case(scorer, backend, n, reps, naive and n <= naive_max, naive_batch, flops, returning_user)
+        for n in sizes
+    ]
     kernels_after = matmul_flops(scorer.device, torch_dtype)
     if vllm:  # started only now, so that its processes are not alive while our paths are timed
         with tempfile.TemporaryDirectory(prefix="sellarec-bench-") as work:
             # vLLM's backend builds a torch backend for distillation: give it the engine's model.
             peer = vllm_peer(engine_scorer, arch, max_batch_tokens, Path(work))
             try:
-                cases = [with_vllm(c, scorer, peer, reps, vllm_head_cached) for c in cases]
+                cases = [with_vllm(c, scorer, peer, reps, vllm_head_cached, returning_user) for c in cases]
             finally:
                 peer.close()
 
@@ -414,6 +460,8 @@ def bench(
         "engine_fast_path": backend.fast_path.active,
         "engine_head_tokens": backend.head.length,
         "vllm_head_cached": vllm_head_cached if vllm else None,
+        "returning_user": returning_user,
+        "engine_prefix_cache": {"hits": backend.prefix_cache.hits, "misses": backend.prefix_cache.misses},
         "vllm_threads_bind": vllm_binding or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
         "matmul_flops": flops,
         "matmul_flops_by_kernel": kernels,

@@ -46,6 +46,22 @@ def _at_last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return hidden[torch.arange(len(mask), device=hidden.device), mask.sum(1) - 1]
 
 
+def row_state(state: PrefixState, row: int, length: int | None = None) -> PrefixState:
+    """Prefix `row` of `state` alone, cut to its first `length` real tokens (all of them by
+    default): its padding and holes dropped, so its keys/values are its own, contiguous.
+
+    Positions count real tokens only, so the cut state continues exactly as the batched one.
+    """
+    keep = state.mask[row].nonzero().squeeze(1)
+    if length is not None:
+        if not 0 < length <= len(keep):
+            raise ValueError(f"cannot cut a prefix of {len(keep)} tokens to {length}")
+        keep = keep[:length]
+    layers = [(k[row : row + 1, :, keep], v[row : row + 1, :, keep]) for k, v in state.layers]
+    mask = torch.ones(1, len(keep), dtype=state.mask.dtype, device=state.mask.device)
+    return PrefixState(layers=layers, mask=mask, lengths=mask.sum(1))
+
+
 def _positions_after(state: PrefixState, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[N, T] position ids of a right-padded continuation [N, T] of prefix `rows[n]`."""
     base = state.lengths.index_select(0, rows)
@@ -179,12 +195,30 @@ class SellaRec(nn.Module):
         The pieces are right-padded, which leaves holes inside the new mask; positions count
         real tokens only, so the numbers are those of running each whole prefix (tested).
         """
+        return self._grow(state, rows, pieces, vectors)[2]
+
+    def score_extending(
+        self,
+        state: PrefixState,
+        rows: torch.Tensor,
+        pieces: Sequence[Encoded],
+        vectors: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, PrefixState]:
+        """`score_suffixes` and `extend_prefixes` in one forward: ([N] logits of P(Yes) at each
+        piece's last token, the keys/values of prefix `rows[n]` grown by `pieces[n]`)."""
+        hidden, mask, grown = self._grow(state, rows, pieces, vectors)
+        return self.head(_at_last_token(hidden, mask)), grown
+
+    def _grow(
+        self, state: PrefixState, rows: torch.Tensor, pieces: Sequence[Encoded], vectors: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, PrefixState]:
+        """(hidden states, mask, grown state) of `pieces[n]` continuing prefix `rows[n]`."""
         rows = rows.to(self.device)
         embeds, mask = self._inputs(pieces, vectors)
-        _, cache, full_mask = self._continue_copied(state, rows, embeds, mask)
+        hidden, cache, full_mask = self._continue_copied(state, rows, embeds, mask)
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         lengths = state.lengths.index_select(0, rows) + mask.sum(1)
-        return PrefixState(layers=layers, mask=full_mask, lengths=lengths)
+        return hidden, mask, PrefixState(layers=layers, mask=full_mask, lengths=lengths)
 
     def suffix_hidden(
         self,

@@ -6,7 +6,13 @@ Names are chosen once and documented in docs/api.md; the Helm HPA scales on
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sellarec.service.backends.prefix_cache import PrefixCache
 
 # The `*_created` timestamp series double the exposition for no use here.
 disable_created_metrics()
@@ -103,8 +109,29 @@ class Metrics:
         for outcome in ("recorded", "duplicate", "negative"):
             self.events.labels(outcome=outcome)
 
+    def watch_prefix_cache(self, cache: PrefixCache) -> None:
+        """Export the torch backend's prefix cache: lookups by result, bytes and entries held."""
+        self.registry.register(_PrefixCacheCollector(cache))
+
     def serve_version(self, version: str, previous: str | None) -> None:
         """Mark `version` as the one being served."""
         if previous is not None:
             self.active_version.labels(version=previous).set(0)
         self.active_version.labels(version=version).set(1)
+
+
+class _PrefixCacheCollector(Collector):
+    """Reads the cache's own counts at scrape time (the model thread keeps them)."""
+
+    def __init__(self, cache: PrefixCache) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        lookups = CounterMetricFamily(
+            "sellarec_prefix_cache_lookups", "Users' prefixes looked up in the cache.", labels=["result"]
+        )
+        lookups.add_metric(["hit"], self.cache.hits)
+        lookups.add_metric(["miss"], self.cache.misses)
+        yield lookups
+        yield GaugeMetricFamily("sellarec_prefix_cache_bytes", "Prefix keys/values kept.", self.cache.bytes)
+        yield GaugeMetricFamily("sellarec_prefix_cache_entries", "Users' prefixes kept.", len(self.cache))

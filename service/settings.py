@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     """Most requests one batch may merge; 0: no limit beyond the token budget (1 suits a CPU)."""
     max_batch_tokens: int = Field(8192, ge=64)
     """Token budget of a batch and of each forward call (prefix and suffix positions)."""
+    prefix_cache_mb: int = Field(256, ge=0)
+    """Torch backend: MiB of users' prefix keys/values kept across requests (a returning user runs
+    only its candidates); 0 keeps none."""
     max_body_bytes: int = Field(1 << 20, ge=1024)
     """Largest request body; more answers 413."""
     version_poll_s: float = Field(2.0, gt=0)

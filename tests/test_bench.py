@@ -121,6 +121,25 @@ def test_bench_runs_every_path_on_a_tiny_model(tmp_path):
     assert figure.read_bytes()[:4] == PNG
 
 
+def test_a_returning_user_is_timed_on_the_prefix_its_earlier_request_left(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--arch", "tiny", "--tokenizer", "builtin", "--candidates", "1,5", "--reps", "2", "--no-naive"]
+    result = CliRunner().invoke(_app(bench), [*args, "--returning-user", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert record["returning_user"]
+    # Per size: the warm-up and two timed calls, each after an earlier request that missed.
+    assert record["engine_prefix_cache"] == {"hits": 2 * 3, "misses": 2 * 3}
+    assert all(case["engine_per_s"] > 0 for case in record["cases"])
+
+
+def test_without_returning_users_the_engine_keeps_no_prefix(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--arch", "tiny", "--tokenizer", "builtin", "--candidates", "1", "--reps", "1", "--no-naive"]
+    assert CliRunner().invoke(_app(bench), [*args, "--out", str(out)]).exit_code == 0
+    assert json.loads(out.read_text())["engine_prefix_cache"] == {"hits": 0, "misses": 0}
+
+
 def test_gpu_check_smoke_runs_on_the_cpu(tmp_path):
     result = CliRunner().invoke(_app(check), ["--smoke", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output

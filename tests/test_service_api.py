@@ -303,6 +303,33 @@ async def test_metrics_count_known_traffic(tiny_bundle_dir):
     assert value(f'sellarec_model_version{{version="{version}"}}') == 1
 
 
+def _samples(text: str) -> dict[str, float]:
+    return {
+        name: float(v)
+        for name, v in (line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("sellarec_"))
+    }
+
+
+@pytest.mark.parametrize("cache_mb", [256, 0])
+async def test_a_returning_user_is_served_from_the_prefix_cache(tiny_bundle_dir, cache_mb):
+    async with serving(tiny_bundle_dir, quick_settings(prefix_cache_mb=cache_mb)) as (client, _):
+        before = _samples((await client.get("/metrics")).text)
+        answers = [
+            (await client.post("/score", json={"user_id": "u3", "items": items})).json()["scores"]
+            for items in (["i1"], ["i2", "i1"], ["i1"])
+        ]
+        after = _samples((await client.get("/metrics")).text)
+    hits = 'sellarec_prefix_cache_lookups_total{result="hit"}'
+    # The same user and item scores the same whether its prefix was kept or not.
+    assert answers[2][0]["score"] == pytest.approx(answers[0][0]["score"], abs=1e-5)
+    assert answers[1][1]["score"] == pytest.approx(answers[0][0]["score"], abs=1e-5)
+    if cache_mb:
+        assert after[hits] - before[hits] == 2
+        assert after["sellarec_prefix_cache_entries"] >= 1 and after["sellarec_prefix_cache_bytes"] > 0
+    else:
+        assert after[hits] == 0 and after["sellarec_prefix_cache_entries"] == 0
+
+
 async def test_openapi_documents_every_endpoint_and_field(tiny_bundle_dir):
     async with serving(tiny_bundle_dir) as (client, _):
         schema = (await client.get("/openapi.json")).json()

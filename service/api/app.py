@@ -88,7 +88,12 @@ def make_backend(settings: Settings, loaded: LoadedModel) -> Backend:
         from sellarec.service.backends.vllm_backend import shared_vllm_backend
 
         return shared_vllm_backend(loaded, max_batch_tokens=settings.max_batch_tokens)
-    return TorchBackend(loaded.scorer, settings.max_batch_tokens, cpu_fast_path=settings.cpu_fast_path)
+    return TorchBackend(
+        loaded.scorer,
+        settings.max_batch_tokens,
+        cpu_fast_path=settings.cpu_fast_path,
+        prefix_cache_bytes=settings.prefix_cache_mb << 20,
+    )
 
 
 def _error(request: Request, status: int, kind: str, message: str, **extra: object) -> JSONResponse:
@@ -196,6 +201,8 @@ def create_app(
         except StoreUnavailable as err:
             log.warning("store unavailable at startup (will retry): %s", err)
         backend = make_backend(settings, model)
+        if isinstance(backend, TorchBackend):
+            metrics.watch_prefix_cache(backend.prefix_cache)
         batcher: Batcher[Job, JobResult] = Batcher(
             partial(run_jobs, backend),
             metrics,
