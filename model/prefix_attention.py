@@ -39,6 +39,8 @@ class SharedPrefix:
     runs: list[tuple[int, int, int]]
     #: Whether any prefix has padding (skips masking when not).
     padded: bool
+    #: When a list: receives each layer's suffix keys/values, in layer order (to keep them).
+    kept: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 _ACTIVE: contextvars.ContextVar[SharedPrefix | None] = contextvars.ContextVar("shared_prefix", default=None)
@@ -92,6 +94,8 @@ def shared_prefix_attention(
     if prefix is None:
         raise RuntimeError(f"{NAME} attention used outside model.prefix_attention.sharing()")
     k_prefix, v_prefix = prefix.layers[module.layer_idx]
+    if prefix.kept is not None:
+        prefix.kept.append((key, value))
     # The flash kernel's backward ignores the log-sum-exp output, so training takes the
     # explicit path below; inference on CPU takes the fused one.
     if query.device.type == "cpu" and not (torch.is_grad_enabled() and query.requires_grad):

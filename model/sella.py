@@ -46,17 +46,10 @@ def _at_last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return hidden[torch.arange(len(mask), device=hidden.device), mask.sum(1) - 1]
 
 
-def row_state(state: PrefixState, row: int, length: int | None = None) -> PrefixState:
-    """Prefix `row` of `state` alone, cut to its first `length` real tokens (all of them by
-    default): its padding and holes dropped, so its keys/values are its own, contiguous.
-
-    Positions count real tokens only, so the cut state continues exactly as the batched one.
-    """
+def row_state(state: PrefixState, row: int) -> PrefixState:
+    """Prefix `row` of `state` alone, its padding and holes dropped, so that its keys/values
+    are its own. Positions count real tokens only, so it continues as the batched state does."""
     keep = state.mask[row].nonzero().squeeze(1)
-    if length is not None:
-        if not 0 < length <= len(keep):
-            raise ValueError(f"cannot cut a prefix of {len(keep)} tokens to {length}")
-        keep = keep[:length]
     layers = [(k[row : row + 1, :, keep], v[row : row + 1, :, keep]) for k, v in state.layers]
     mask = torch.ones(1, len(keep), dtype=state.mask.dtype, device=state.mask.device)
     return PrefixState(layers=layers, mask=mask, lengths=mask.sum(1))
@@ -195,30 +188,12 @@ class SellaRec(nn.Module):
         The pieces are right-padded, which leaves holes inside the new mask; positions count
         real tokens only, so the numbers are those of running each whole prefix (tested).
         """
-        return self._grow(state, rows, pieces, vectors)[2]
-
-    def score_extending(
-        self,
-        state: PrefixState,
-        rows: torch.Tensor,
-        pieces: Sequence[Encoded],
-        vectors: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, PrefixState]:
-        """`score_suffixes` and `extend_prefixes` in one forward: ([N] logits of P(Yes) at each
-        piece's last token, the keys/values of prefix `rows[n]` grown by `pieces[n]`)."""
-        hidden, mask, grown = self._grow(state, rows, pieces, vectors)
-        return self.head(_at_last_token(hidden, mask)), grown
-
-    def _grow(
-        self, state: PrefixState, rows: torch.Tensor, pieces: Sequence[Encoded], vectors: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, PrefixState]:
-        """(hidden states, mask, grown state) of `pieces[n]` continuing prefix `rows[n]`."""
         rows = rows.to(self.device)
         embeds, mask = self._inputs(pieces, vectors)
-        hidden, cache, full_mask = self._continue_copied(state, rows, embeds, mask)
+        _, cache, full_mask = self._continue_copied(state, rows, embeds, mask)
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         lengths = state.lengths.index_select(0, rows) + mask.sum(1)
-        return hidden, mask, PrefixState(layers=layers, mask=full_mask, lengths=lengths)
+        return PrefixState(layers=layers, mask=full_mask, lengths=lengths)
 
     def suffix_hidden(
         self,
@@ -226,8 +201,13 @@ class SellaRec(nn.Module):
         rows: torch.Tensor,
         suffixes: Sequence[Encoded],
         vectors: torch.Tensor | None = None,
+        kept: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """[N, d_L] last hidden state of each suffix continuing prefix `rows[n]`."""
+        """[N, d_L] last hidden state of each suffix continuing prefix `rows[n]`.
+
+        `kept`, a list, receives each layer's keys/values of the suffixes themselves
+        ([N, kv_heads, S, head_dim], right-padded as the suffixes), at no extra cost.
+        """
         rows = rows.to(self.device)
         embeds, mask = self._inputs(suffixes, vectors)
         config = self.causal_lm.config
@@ -237,13 +217,17 @@ class SellaRec(nn.Module):
                 key_mask=state.mask.bool(),
                 runs=prefix_attention.runs_of(rows.tolist()),
                 padded=bool((state.mask == 0).any()),
+                kept=kept,
             )
             with prefix_attention.sharing(config, shared):
                 hidden = self.decoder(
                     inputs_embeds=embeds, position_ids=_positions_after(state, rows, mask), use_cache=False
                 ).last_hidden_state
         else:  # replicate the prefix keys/values per candidate (any architecture)
-            hidden, _, _ = self._continue_copied(state, rows, embeds, mask)
+            hidden, cache, _ = self._continue_copied(state, rows, embeds, mask)
+            if kept is not None:
+                width = state.mask.shape[1]
+                kept += [(layer.keys[:, :, width:], layer.values[:, :, width:]) for layer in cache.layers]
         return _at_last_token(hidden, mask)
 
     def _continue_copied(
@@ -271,9 +255,11 @@ class SellaRec(nn.Module):
         rows: torch.Tensor,
         suffixes: Sequence[Encoded],
         vectors: torch.Tensor | None = None,
+        kept: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """[N] logits of P(Yes) for suffixes continuing the prefixes `rows[n]`."""
-        return self.head(self.suffix_hidden(state, rows, suffixes, vectors))
+        """[N] logits of P(Yes) for suffixes continuing the prefixes `rows[n]` (`kept`: as
+        `suffix_hidden`)."""
+        return self.head(self.suffix_hidden(state, rows, suffixes, vectors, kept))
 
     # --- distillation ----------------------------------------------------------------
 

@@ -86,6 +86,18 @@ class SharedHead:
         rows = torch.zeros(len(prompts), dtype=torch.long)
         return self.scorer.score_suffixes(self.state, rows, [tail(p, self.length) for p in prompts], vectors)
 
+    def grown(self, kept: Sequence[tuple[torch.Tensor, torch.Tensor]], row: int, length: int) -> PrefixState:
+        """A prefix of one: the head, then the first `length` tokens of row `row` of `kept`,
+        the per-layer keys/values of pieces run after the head (`SellaRec.suffix_hidden`'s `kept`)."""
+        assert self.state is not None, "a head of no tokens grows nothing"
+        piece = slice(row, row + 1)
+        layers = [
+            (torch.cat([hk, k[piece, :, :length]], 2), torch.cat([hv, v[piece, :, :length]], 2))
+            for (hk, hv), (k, v) in zip(self.state.layers, kept, strict=True)
+        ]
+        mask = torch.ones(1, self.length + length, dtype=self.state.mask.dtype, device=self.state.mask.device)
+        return PrefixState(layers=layers, mask=mask, lengths=mask.sum(1))
+
     def run(self, prefixes: Sequence[Encoded], vectors: torch.Tensor | None = None) -> PrefixState:
         """Same numbers as `scorer.run_prefixes(prefixes, vectors)`, the shared head reused.
 

@@ -98,8 +98,6 @@ def test_a_cut_row_continues_as_the_batched_state(reference):
             want = reference.score_suffixes(state, rows, suffixes, suffix_vectors)
             got = reference.score_suffixes(alone, torch.zeros_like(rows), suffixes, suffix_vectors)
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="cannot cut"):
-        row_state(state, 0, len(prefixes[0]) + 1)
 
 
 @pytest.mark.parametrize(
@@ -177,3 +175,15 @@ def test_nothing_is_kept_without_a_budget_or_without_the_head(reference, tiny_bu
             got = torch.from_numpy(backend.score(*batch))
         torch.testing.assert_close(got, _reference(reference, *batch), rtol=0, atol=1e-5)
         assert not backend.prefix_cache.enabled and len(backend.prefix_cache) == 0
+
+
+def test_an_architecture_without_shared_prefix_attention_keeps_the_same_keys(reference, tiny_bundle_dir):
+    """The replicated-cache path (e.g. sliding-window models) keeps the same prefixes."""
+    scorer = load_scorer(tiny_bundle_dir).scorer
+    scorer.share_prefix_attention = False
+    backend = TorchBackend(scorer, cpu_fast_path=False, prefix_cache_bytes=64 * MIB)
+    for title in ("Babe (1995)", "Heat (1995)"):
+        batch = _batch(reference, [[title]], HISTORIES[:1])
+        got, _ = _scores(backend, batch)
+        torch.testing.assert_close(got, _reference(reference, *batch), rtol=0, atol=1e-5)
+    assert backend.prefix_cache.hits == 1

@@ -201,12 +201,14 @@ class TorchBackend(Backend):
             batch = [prompts[n] for n in chunk]
             if not keys or not head.usable(batch):
                 logits = head.score(batch, vectors)
-            else:
+            else:  # the head's path, and each prompt's keys/values kept from the same forward
                 pieces = [tail(p, head.length) for p in batch]
+                kept: list[tuple[torch.Tensor, torch.Tensor]] = []
                 zeros = torch.zeros(len(chunk), dtype=torch.long)
-                logits, grown = self.scorer.score_extending(head.state, zeros, pieces, vectors)
+                logits = self.scorer.score_suffixes(head.state, zeros, pieces, vectors, kept)
                 for j, n in enumerate(chunk):
-                    self.prefix_cache.put(keys[rows[n]], row_state(grown, j, len(prefixes[rows[n]])))
+                    own = len(prefixes[rows[n]]) - head.length  # the prefix's tokens past the head
+                    self.prefix_cache.put(keys[rows[n]], head.grown(kept, j, own))
             out[chunk] = torch.sigmoid(logits.float()).cpu()
 
     @torch.inference_mode()
