@@ -78,13 +78,21 @@ class SharedHead:
             for p in prompts
         )
 
-    def score(self, prompts: Sequence[Encoded], vectors: torch.Tensor | None = None) -> torch.Tensor:
+    def score(
+        self,
+        prompts: Sequence[Encoded],
+        vectors: torch.Tensor | None = None,
+        kept: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
         """Same numbers as `scorer.score(prompts, vectors)`: each prompt's remainder runs once,
-        after the head's keys/values (one forward, as the plain path)."""
+        after the head's keys/values (one forward, as the plain path). `kept`, a list, receives
+        each layer's keys/values of the remainders (for `grown`); it stays empty when the
+        prompts take the plain path."""
         if not self.usable(prompts):
             return self.scorer.score(prompts, vectors)
         rows = torch.zeros(len(prompts), dtype=torch.long)
-        return self.scorer.score_suffixes(self.state, rows, [tail(p, self.length) for p in prompts], vectors)
+        pieces = [tail(p, self.length) for p in prompts]
+        return self.scorer.score_suffixes(self.state, rows, pieces, vectors, kept)
 
     def grown(self, kept: Sequence[tuple[torch.Tensor, torch.Tensor]], row: int, length: int) -> PrefixState:
         """A prefix of one: the head, then the first `length` tokens of row `row` of `kept`,

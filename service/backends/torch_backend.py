@@ -17,7 +17,7 @@ from peft import PeftModel
 from sellarec.model import fast_path
 from sellarec.model.encoding import Encoded
 from sellarec.model.sella import PrefixState, SellaRec, row_state
-from sellarec.model.shared_head import SharedHead, tail
+from sellarec.model.shared_head import SharedHead
 from sellarec.service.backends.prefix_cache import PrefixCache
 
 
@@ -198,16 +198,11 @@ class TorchBackend(Backend):
         for chunk in _greedy_chunks(order, lambda k, last: k * len(prompts[last]), self.max_batch_tokens):
             vectors = suffix_vectors[chunk].clone()  # item and warm columns from the suffix ...
             vectors[:, 0] = prefix_vectors[[rows[n] for n in chunk], 0]  # ... the user's from the prefix
-            batch = [prompts[n] for n in chunk]
-            if not keys or not head.usable(batch):
-                logits = head.score(batch, vectors)
-            else:  # the head's path, and each prompt's keys/values kept from the same forward
-                pieces = [tail(p, head.length) for p in batch]
-                kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-                zeros = torch.zeros(len(chunk), dtype=torch.long)
-                logits = self.scorer.score_suffixes(head.state, zeros, pieces, vectors, kept)
+            kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+            logits = head.score([prompts[n] for n in chunk], vectors, kept if keys else None)
+            if kept:  # each prefix's keys/values, from the same forward
                 for j, n in enumerate(chunk):
-                    own = len(prefixes[rows[n]]) - head.length  # the prefix's tokens past the head
+                    own = len(prefixes[rows[n]]) - head.length  # its tokens past the head
                     self.prefix_cache.put(keys[rows[n]], head.grown(kept, j, own))
             out[chunk] = torch.sigmoid(logits.float()).cpu()
 
