@@ -14,10 +14,9 @@ is not kept.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 
 import numpy as np
-import torch
+from cachetools import LRUCache
 
 from sellarec.model.encoding import Encoded
 from sellarec.model.sella import PrefixState
@@ -29,57 +28,50 @@ def state_bytes(state: PrefixState) -> int:
 
 
 class PrefixCache:
-    """Batch-of-one prefix states by key, at most `max_bytes` of keys/values in all."""
+    """Batch-of-one prefix states by key, at most `max_bytes` of keys/values in all
+    (cachetools' LRU, sized by `state_bytes`), with hit and miss counts for the metrics."""
 
     def __init__(self, max_bytes: int) -> None:
         #: Budget of keys/values, in bytes; 0 keeps nothing.
         self.max_bytes = max_bytes
-        #: Bytes held now.
-        self.bytes = 0
         #: Lookups that found an entry, and those that did not.
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[bytes, tuple[PrefixState, int]] = OrderedDict()
+        self._entries: LRUCache[bytes, PrefixState] = LRUCache(max_bytes, getsizeof=state_bytes)
 
     @property
     def enabled(self) -> bool:
         return self.max_bytes > 0
 
+    @property
+    def bytes(self) -> int:
+        """Bytes of keys/values held now."""
+        return int(self._entries.currsize)
+
     def __len__(self) -> int:
         return len(self._entries)
 
     @staticmethod
-    def key(prefix: Encoded, user_vector: torch.Tensor) -> bytes:
-        """What a prefix's keys/values depend on: its ids, its slots and the user vector spliced in."""
+    def key(prefix: Encoded, user_vector: np.ndarray) -> bytes:
+        """What a prefix's keys/values depend on: its ids, its slots and the user vector spliced
+        in (float32, on the CPU)."""
         digest = hashlib.blake2b(digest_size=20)
         digest.update(np.asarray(prefix.ids, dtype=np.int64).tobytes())
         digest.update(repr(prefix.slots).encode())
-        vector = user_vector.detach().to("cpu", torch.float32).contiguous()
-        digest.update(vector.numpy().tobytes())
+        digest.update(np.ascontiguousarray(user_vector, dtype=np.float32).tobytes())
         return digest.digest()
 
     def get(self, key: bytes) -> PrefixState | None:
-        entry = self._entries.get(key)
-        if entry is None:
+        state = self._entries.get(key)
+        if state is None:
             self.misses += 1
-            return None
-        self.hits += 1
-        self._entries.move_to_end(key)
-        return entry[0]
+        else:
+            self.hits += 1
+        return state
 
     def put(self, key: bytes, state: PrefixState) -> None:
-        size = state_bytes(state)
-        if size > self.max_bytes:
-            return
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.bytes -= old[1]
-        while self._entries and self.bytes + size > self.max_bytes:
-            _, (_, evicted) = self._entries.popitem(last=False)
-            self.bytes -= evicted
-        self._entries[key] = (state, size)
-        self.bytes += size
+        if state_bytes(state) <= self.max_bytes:  # a larger one would evict everything, then fail
+            self._entries[key] = state
 
     def clear(self) -> None:
         self._entries.clear()
-        self.bytes = 0

@@ -128,7 +128,10 @@ class TorchBackend(Backend):
         for n, row in enumerate(rows):
             by_prefix.setdefault(row, []).append(n)
         cache = self.prefix_cache
-        keys = {p: cache.key(prefixes[p], prefix_vectors[p, 0]) for p in by_prefix} if cache.enabled else {}
+        keys: dict[int, bytes] = {}
+        if cache.enabled:  # one copy of the user vectors to the CPU, not one per prefix
+            users = prefix_vectors[:, 0].float().cpu().numpy()
+            keys = {p: cache.key(prefixes[p], users[p]) for p in by_prefix}
         # A returning user's prefix: its kept keys/values, only the candidates run.
         for p, key in keys.items():
             state = cache.get(key)
