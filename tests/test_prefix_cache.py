@@ -72,6 +72,26 @@ def test_the_key_covers_ids_slots_and_the_user_vector():
     assert base != PrefixCache.key(Encoded((1, 2, 3), (("user", 1),)), vector + 1e-6)
 
 
+def test_holds_answers_for_the_prompt_whatever_its_user_vector_until_its_last_entry_leaves():
+    one, two = Encoded((1, 2, 3), (("user", 2),)), Encoded((1, 2, 4), (("user", 2),))
+    cache = PrefixCache(max_bytes=2 * state_bytes(_state(10)))
+    assert not cache.holds(one)
+    cache.put(PrefixCache.key(one, torch.zeros(4)), _state(10))
+    cache.put(PrefixCache.key(one, torch.ones(4)), _state(10))  # the same prompt, another vector
+    cache.put(PrefixCache.key(one, torch.ones(4)), _state(10))  # replaced, not counted twice
+    assert cache.holds(one) and not cache.holds(two)
+    assert (cache.hits, cache.misses) == (0, 0)  # holds is not a lookup
+    cache.put(PrefixCache.key(two, torch.zeros(4)), _state(10))  # evicts (one, zeros)
+    assert cache.holds(one) and cache.holds(two)
+    cache.put(PrefixCache.key(two, torch.ones(4)), _state(10))  # evicts (one, ones): one's last
+    assert not cache.holds(one) and cache.holds(two)
+    cache.clear()
+    assert not cache.holds(two)
+    off = PrefixCache(max_bytes=0)
+    off.put(PrefixCache.key(one, torch.zeros(4)), _state(1))
+    assert not off.holds(one)
+
+
 # --- the backend ---------------------------------------------------------------------
 
 
@@ -124,6 +144,7 @@ def test_single_item_calls_of_one_user_keep_the_prefix_from_the_first(reference,
         got, ran = _scores(cached, batch)
         torch.testing.assert_close(got, _reference(reference, *batch), rtol=0, atol=1e-5)
         assert cached.prefix_cache.hits == k and len(cached.prefix_cache) == 1
+        assert cached.keeps_prefix(batch[0][0])  # admission will price the next call without it
         if k:
             assert ran == len(batch[3][0])  # only the candidate's tokens
 

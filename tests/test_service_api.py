@@ -330,6 +330,28 @@ async def test_a_returning_user_is_served_from_the_prefix_cache(tiny_bundle_dir,
         assert after[hits] == 0 and after["sellarec_prefix_cache_entries"] == 0
 
 
+@pytest.mark.parametrize("cache_mb", [256, 0])
+async def test_admission_prices_a_kept_prefix_as_no_work(tiny_bundle_dir, cache_mb):
+    """A returning user's request runs only its candidates, so its predicted wait leaves out
+    the prefix tokens; a new user's (or any, without the cache) counts them."""
+    async with serving(tiny_bundle_dir, quick_settings(prefix_cache_mb=cache_mb)) as (client, app):
+        batcher = app.state.runtime.engine.batcher
+        priced: list[Work] = []
+        submit = batcher.submit
+
+        def recording(*args, work, **kwargs):
+            priced.append(work)
+            return submit(*args, work=work, **kwargs)
+
+        batcher.submit = recording
+        for user in ("u3", "u3", "u4"):
+            assert (await client.post("/score", json={"user_id": user, "items": ["i1"]})).status_code == 200
+    first, again, other = priced
+    assert first.prefix_tokens > 0 and other.prefix_tokens > 0
+    assert again.suffix_tokens == first.suffix_tokens
+    assert again.prefix_tokens == (0 if cache_mb else first.prefix_tokens)
+
+
 async def test_openapi_documents_every_endpoint_and_field(tiny_bundle_dir):
     async with serving(tiny_bundle_dir) as (client, _):
         schema = (await client.get("/openapi.json")).json()

@@ -9,6 +9,10 @@ projected user vector spliced into it. A new store version with other embeddings
 projections therefore gives other keys, and an entry can never serve a prompt it was not
 computed for. The budget is in bytes of keys/values; an entry larger than the whole budget
 is not kept.
+
+`holds(prefix)` answers from the token ids and slots alone (the user vector is projected on
+the model thread, after admission): whether some entry was computed for that prompt text. The
+engine prices such a request without its prefix tokens when it decides admission.
 """
 
 from __future__ import annotations
@@ -27,6 +31,23 @@ def state_bytes(state: PrefixState) -> int:
     return sum(k.nbytes + v.nbytes for k, v in state.layers)
 
 
+class _Entries(LRUCache):
+    """cachetools' LRU that tells `evicted` which key it drops to make room."""
+
+    def __init__(self, maxsize: int, evicted) -> None:  # noqa: ANN001
+        super().__init__(maxsize, getsizeof=state_bytes)
+        self._evicted = evicted
+
+    def popitem(self):  # noqa: ANN201
+        key, value = super().popitem()
+        self._evicted(key)
+        return key, value
+
+
+#: Bytes of each of the key's two digests (the prompt's ids and slots, then the user vector).
+DIGEST = 20
+
+
 class PrefixCache:
     """Batch-of-one prefix states by key, at most `max_bytes` of keys/values in all
     (cachetools' LRU, sized by `state_bytes`), with hit and miss counts for the metrics."""
@@ -37,7 +58,9 @@ class PrefixCache:
         #: Lookups that found an entry, and those that did not.
         self.hits = 0
         self.misses = 0
-        self._entries: LRUCache[bytes, PrefixState] = LRUCache(max_bytes, getsizeof=state_bytes)
+        self._entries: LRUCache[bytes, PrefixState] = _Entries(max_bytes, self._dropped)
+        #: Entries per prompt digest (the first half of their keys), for `holds`.
+        self._prompts: dict[bytes, int] = {}
 
     @property
     def enabled(self) -> bool:
@@ -52,14 +75,26 @@ class PrefixCache:
         return len(self._entries)
 
     @staticmethod
-    def key(prefix: Encoded, user_vector: np.ndarray) -> bytes:
-        """What a prefix's keys/values depend on: its ids, its slots and the user vector spliced
-        in (float32, on the CPU)."""
-        digest = hashlib.blake2b(digest_size=20)
+    def prompt(prefix: Encoded) -> bytes:
+        """Digest of the prompt text of a prefix: its ids and its slots."""
+        digest = hashlib.blake2b(digest_size=DIGEST)
         digest.update(np.asarray(prefix.ids, dtype=np.int64).tobytes())
         digest.update(repr(prefix.slots).encode())
-        digest.update(np.ascontiguousarray(user_vector, dtype=np.float32).tobytes())
         return digest.digest()
+
+    @classmethod
+    def key(cls, prefix: Encoded, user_vector: np.ndarray) -> bytes:
+        """What a prefix's keys/values depend on: its ids, its slots and the user vector spliced
+        in (float32, on the CPU)."""
+        vector = hashlib.blake2b(
+            np.ascontiguousarray(user_vector, dtype=np.float32).tobytes(), digest_size=DIGEST
+        )
+        return cls.prompt(prefix) + vector.digest()
+
+    def holds(self, prefix: Encoded) -> bool:
+        """Whether an entry was computed for this prompt text (with some user vector): a request
+        for it will most likely run only its candidates. Counts no lookup."""
+        return self.enabled and self.prompt(prefix) in self._prompts
 
     def get(self, key: bytes) -> PrefixState | None:
         state = self._entries.get(key)
@@ -70,8 +105,19 @@ class PrefixCache:
         return state
 
     def put(self, key: bytes, state: PrefixState) -> None:
-        if state_bytes(state) <= self.max_bytes:  # a larger one would evict everything, then fail
-            self._entries[key] = state
+        if state_bytes(state) > self.max_bytes:  # it would evict everything, then fail
+            return
+        if key not in self._entries:
+            prompt = key[:DIGEST]
+            self._prompts[prompt] = self._prompts.get(prompt, 0) + 1
+        self._entries[key] = state
+
+    def _dropped(self, key: bytes) -> None:
+        prompt = key[:DIGEST]
+        left = self._prompts.pop(prompt) - 1
+        if left:
+            self._prompts[prompt] = left
 
     def clear(self) -> None:
         self._entries.clear()
+        self._prompts.clear()

@@ -52,6 +52,12 @@ class Backend(ABC):
     def distill(self, prompts: Sequence[Encoded]) -> torch.Tensor:
         """[n, d_L] float32 (CPU): last hidden state of each distillation prompt (E_I^L)."""
 
+    def keeps_prefix(self, prefix: Encoded) -> bool:
+        """Whether a request with this user-level prefix will most likely run only its candidates
+        (its keys/values kept from an earlier request): admission prices it without the prefix.
+        Read from the event loop while the model thread scores: it must not block."""
+        return False
+
     def close(self) -> None:  # noqa: B027 - optional hook; the torch backend holds nothing to release
         """Release engines or processes the backend started (called once, at shutdown)."""
 
@@ -113,6 +119,9 @@ class TorchBackend(Backend):
         self.head = SharedHead.for_template(scorer) if shared_head else SharedHead(scorer, ())
         # Kept prefixes continue the head's keys/values, so without a head nothing is kept.
         self.prefix_cache = PrefixCache(prefix_cache_bytes if self.head.state is not None else 0)
+
+    def keeps_prefix(self, prefix: Encoded) -> bool:
+        return self.prefix_cache.holds(prefix)
 
     @torch.inference_mode()
     def score(

@@ -132,7 +132,9 @@ class Engine:
                 f"{self.max_request_tokens} per request (max_request_tokens): send fewer or shorter "
                 f"items, or split the request"
             )
-        work = Work(len(job.prefix) + sum(map(len, job.distill.values())), sum(map(len, job.suffixes)))
+        # A prefix the backend kept from this user's earlier request runs no token: priced as none.
+        prefix = 0 if self.backend.keeps_prefix(job.prefix) else len(job.prefix)
+        work = Work(prefix + sum(map(len, job.distill.values())), sum(map(len, job.suffixes)))
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded(
