@@ -143,3 +143,26 @@ def test_build_scorer_loads_the_balanced_start(tiny_backbone_dir):
             continue
         assert torch.allclose(scorer.proj_c.state_dict()[name], t, atol=1e-6), name
     assert not torch.allclose(scorer.proj_c.net[2].weight, plain.proj_c.net[2].weight)
+
+
+def test_soft_token_gain_multiplies_the_pinned_norm(tiny_backbone_dir):
+    from sellarec.model.collab import vocabulary_norm
+    from sellarec.model.prompts import Slot, TemplateSpec
+    from sellarec.training.stage3 import build_scorer
+
+    spec = TemplateSpec(stage="stage3", slots=(Slot.USER, Slot.ITEM, Slot.WARM), history_length=2)
+    rows = torch.randn(20, 8)
+    base = build_scorer(str(tiny_backbone_dir), None, spec, 8, None, 0)
+    vocab = vocabulary_norm(base.backbone.get_input_embeddings().weight)
+    scorer = build_scorer(str(tiny_backbone_dir), None, spec, 8, None, 0, soft_token_gain=2.5)
+    with torch.no_grad():
+        for s in (base, scorer):
+            assert s.proj_c(rows).norm(dim=-1).std() < 1e-4 * vocab  # every token at one norm
+        assert base.proj_c(rows).norm(dim=-1).mean() == pytest.approx(vocab, rel=1e-5)
+        assert scorer.proj_c(rows).norm(dim=-1).mean() == pytest.approx(2.5 * vocab, rel=1e-5)
+        semantic = torch.randn(5, base.proj_w.net.in_features)
+        assert scorer.proj_w(semantic).norm(dim=-1).mean() == pytest.approx(2.5 * vocab, rel=1e-5)
+    free = build_scorer(str(tiny_backbone_dir), None, spec, 8, None, 0, "free", soft_token_gain=2.5)
+    assert float(free.proj_c.out_norm) == 0.0  # the gain applies to the pinned scale only
+    with pytest.raises(ValueError, match="soft_token_gain"):
+        build_scorer(str(tiny_backbone_dir), None, spec, 8, None, 0, soft_token_gain=0.0)

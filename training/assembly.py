@@ -109,6 +109,7 @@ def stage3_bundle(
         cfg.stage3.soft_token_scale,
         cfg.stage3.warm_start,
         torch.cat([collab[MF_USERS], collab[MF_ITEMS]]) if MF_USERS in collab else None,
+        cfg.stage3.soft_token_gain,
     )
     tables = soft_input_tables(scorer, collab, semantic)
     rows = sample(data.train, cfg.stage3.budget, cfg.seed + 3)

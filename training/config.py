@@ -132,6 +132,9 @@ class Stage3Config:
     #: projected vector to the median norm of the backbone's token embeddings (only its
     #: direction is learned); "free" is the paper-literal unconstrained output (ablation).
     soft_token_scale: str = "backbone"
+    #: With `soft_token_scale` "backbone": the pinned norm as a multiple of the vocabulary's
+    #: median embedding norm (choice; 1.0 is that norm itself).
+    soft_token_gain: float = 1.0
     #: Learning-rate schedule after the warm-up (choice): None holds the rate; "cosine" decays
     #: it to 0 by the last step.
     lr_schedule: str | None = None

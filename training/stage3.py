@@ -103,23 +103,28 @@ def build_scorer(
     soft_token_scale: str = "backbone",
     warm_start: str | None = None,
     collab_inputs: torch.Tensor | None = None,
+    soft_token_gain: float = 1.0,
 ) -> SellaRec:
     """Frozen backbone with the stage-1 LoRA merged; projections fresh or warm-started.
 
     `soft_token_scale` "backbone" pins the projections' output norm to the vocabulary's
-    median embedding norm (model.collab._Projector); "free" leaves it as the paper does.
+    median embedding norm (model.collab._Projector), times `soft_token_gain`; "free" leaves it
+    as the paper does.
     `warm_start` "anchored" re-bases the warm start on a fresh projection's geometry over the
     MF rows `collab_inputs` (model.collab.anchored_warm_start), "balanced" also on its step
     sizes (model.collab.balanced_warm_start); None loads it as it is.
     """
     if soft_token_scale not in SOFT_TOKEN_SCALES:
         raise ValueError(f"stage3.soft_token_scale: one of {SOFT_TOKEN_SCALES}, not {soft_token_scale!r}")
+    if not soft_token_gain > 0:
+        raise ValueError(f"stage3.soft_token_gain must be > 0, not {soft_token_gain}")
     if warm_start not in WARM_STARTS:
         raise ValueError(f"stage3.warm_start: one of {WARM_STARTS}, not {warm_start!r}")
     model, tokenizer, info = load_backbone(backbone)
     if adapter is not None:
         model = merge(load_lora(model, adapter))
-    norm = vocabulary_norm(model.get_input_embeddings().weight) if soft_token_scale == "backbone" else 0.0
+    vocabulary = vocabulary_norm(model.get_input_embeddings().weight)
+    norm = vocabulary * soft_token_gain if soft_token_scale == "backbone" else 0.0
     torch.manual_seed(seed)
     uses_collab = Slot.USER in spec.slots or Slot.ITEM in spec.slots
     proj_c = CollabProjector(collab_dim, info.hidden_size, out_norm=norm) if uses_collab else None
