@@ -123,8 +123,8 @@ def build_scorer(
     model, tokenizer, info = load_backbone(backbone)
     if adapter is not None:
         model = merge(load_lora(model, adapter))
-    vocabulary = vocabulary_norm(model.get_input_embeddings().weight)
-    norm = vocabulary * soft_token_gain if soft_token_scale == "backbone" else 0.0
+    pinned = soft_token_scale == "backbone"
+    norm = vocabulary_norm(model.get_input_embeddings().weight) * soft_token_gain if pinned else 0.0
     torch.manual_seed(seed)
     uses_collab = Slot.USER in spec.slots or Slot.ITEM in spec.slots
     proj_c = CollabProjector(collab_dim, info.hidden_size, out_norm=norm) if uses_collab else None

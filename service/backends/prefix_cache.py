@@ -18,6 +18,7 @@ engine prices such a request without its prefix tokens when it decides admission
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 
 import numpy as np
 from cachetools import LRUCache
@@ -60,7 +61,7 @@ class PrefixCache:
         self.misses = 0
         self._entries: LRUCache[bytes, PrefixState] = _Entries(max_bytes, self._dropped)
         #: Entries per prompt digest (the first half of their keys), for `holds`.
-        self._prompts: dict[bytes, int] = {}
+        self._prompts: Counter[bytes] = Counter()
 
     @property
     def enabled(self) -> bool:
@@ -108,15 +109,13 @@ class PrefixCache:
         if state_bytes(state) > self.max_bytes:  # it would evict everything, then fail
             return
         if key not in self._entries:
-            prompt = key[:DIGEST]
-            self._prompts[prompt] = self._prompts.get(prompt, 0) + 1
+            self._prompts[key[:DIGEST]] += 1
         self._entries[key] = state
 
     def _dropped(self, key: bytes) -> None:
-        prompt = key[:DIGEST]
-        left = self._prompts.pop(prompt) - 1
-        if left:
-            self._prompts[prompt] = left
+        self._prompts[key[:DIGEST]] -= 1
+        if not self._prompts[key[:DIGEST]]:
+            del self._prompts[key[:DIGEST]]
 
     def clear(self) -> None:
         self._entries.clear()
