@@ -130,7 +130,8 @@ class Stage3Config:
     epochs: int = 1
     #: Scale of the soft tokens (choice; the paper leaves it free): "backbone" pins every
     #: projected vector to the median norm of the backbone's token embeddings (only its
-    #: direction is learned); "free" is the paper-literal unconstrained output (ablation).
+    #: direction is learned); "free" is the paper-literal unconstrained output, which
+    #: training/configs/ml1m.yaml runs (measured better there, docs/results.md).
     soft_token_scale: str = "backbone"
     #: With `soft_token_scale` "backbone": the pinned norm as a multiple of the vocabulary's
     #: median embedding norm (choice; 1.0 is that norm itself).

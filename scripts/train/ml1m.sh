@@ -4,9 +4,10 @@
 #   scripts/train/ml1m.sh [RUNS]          # RUNS defaults to runs/; progress in RUNS/worker-{a,b}.log
 #
 # Two single-threaded workers run side by side (one per core):
-#   A: MF, TALLRec, CoLLM and SeLLa-Rec at seed 0 in RUNS/ml1m, then the paper-literal soft-token
-#      scale (RUNS/ml1m-free: SeLLa-Rec with stage3.soft_token_scale=free, reusing the stage-1/2
-#      caches), then the SeLLa ablations SeLLa-Proj and SeLLa-Warm;
+#   A: MF, TALLRec, CoLLM and SeLLa-Rec at seed 0 in RUNS/ml1m, then soft tokens pinned to the
+#      backbone's scale (RUNS/ml1m-pinned: SeLLa-Rec with stage3.soft_token_scale=backbone, reusing
+#      the stage-1/2 caches; the config runs the paper's free scale), then the SeLLa ablations
+#      SeLLa-Proj and SeLLa-Warm;
 #   B: zero-shot, then MF, CoLLM and SeLLa-Rec again at seeds 1 and 2 (RUNS/ml1m-seed1,
 #      RUNS/ml1m-seed2: the training noise), then the ablation SeLLa-UI.
 # Then `sellarec-train report` writes docs/results.md and docs/figures/. CONFIG overrides the
@@ -21,8 +22,8 @@ stamp() { date -u +%H:%M:%S; }
 
 worker_a() {
   "$train" run mf tallrec collm sellarec --config "$config" --out "$runs/ml1m" --no-progress
-  CONFIG=$config "$root/scripts/train/sweep.sh" "$runs/ml1m" "$runs/ml1m-free" sellarec -- \
-    --set stage3.soft_token_scale=free --no-progress
+  CONFIG=$config "$root/scripts/train/sweep.sh" "$runs/ml1m" "$runs/ml1m-pinned" sellarec -- \
+    --set stage3.soft_token_scale=backbone --no-progress
   "$train" run sella-proj sella-warm --config "$config" --out "$runs/ml1m" --no-progress
 }
 
@@ -44,5 +45,5 @@ b=$!
 rc=0; wait $a || rc=$?; echo "$(stamp) worker A done (exit $rc)"
 rc=0; wait $b || rc=$?; echo "$(stamp) worker B done (exit $rc)"
 "$train" report --runs "$runs/ml1m" --seeds "$runs/ml1m-seed1" --seeds "$runs/ml1m-seed2" \
-  --sweep "$runs/ml1m-free" --doc docs/results.md --figures docs/figures
+  --sweep "$runs/ml1m-pinned" --doc docs/results.md --figures docs/figures
 echo "$(stamp) report written: docs/results.md"
