@@ -50,11 +50,10 @@ class _Projector(nn.Module):
     input embedding, so it enters the frozen LLM where only vocabulary embeddings ever did.
     With `out_norm` > 0 every projected vector has exactly that norm, the median norm of the
     backbone's own token embeddings (`vocabulary_norm`), from the warm start on and through
-    stage 3; only its direction is learned. `out_norm` = 0 is the paper-literal free scale,
-    which the MovieLens-1M configuration runs: there, under gradient clipping, it measured
-    better than the pinned norm (docs/results.md); the pinned norm stays the code's default and
-    the demo's, where it measured better. The norm is a buffer, so it travels in the bundle's
-    state dict; a Python copy is kept beside it so that scoring never reads a device tensor back.
+    stage 3; only its direction is learned. `out_norm` = 0 is the paper-literal free scale
+    (which one a run uses is a training setting: `Stage3Config.soft_token_scale`). The norm is
+    a buffer, so it travels in the bundle's state dict; a Python copy is kept beside it so that
+    scoring never reads a device tensor back.
     """
 
     out_norm: torch.Tensor
