@@ -110,8 +110,10 @@ def write_done(run: Path, directory: str, stage: str, losses: list[float], with_
     )
 
 
-def report(tmp_path: Path, seed_signals: list[dict[str, float]], with_losses: bool = True) -> str:
-    base = make_run(tmp_path, "base", 0, SIGNAL, with_losses)
+def report(
+    tmp_path: Path, seed_signals: list[dict[str, float]], with_losses: bool = True, base: dict | None = None
+) -> str:
+    base = make_run(tmp_path, "base", 0, base or SIGNAL, with_losses)
     seeds = [make_run(tmp_path, f"seed{k + 1}", k + 1, s) for k, s in enumerate(seed_signals)]
     doc = write_report(
         base, tmp_path / "docs" / "results.md", tmp_path / "docs" / "figures", resamples=50, seeds=seeds
@@ -266,3 +268,27 @@ def test_the_budget_table_names_each_warm_start_and_the_clipping_bound():
     assert "anchored_warm_start" in row({"warm_start": "anchored"}, "stage3.warm_start")
     assert "| unclipped |" in row({}, "stage3.max_grad_norm")
     assert "norm 1.0" in row({"max_grad_norm": 1.0}, "stage3.max_grad_norm")
+
+
+def bar_row(doc: str, metric: str) -> list[str]:
+    section = doc.split("## Does the paper's ordering hold here?")[1]
+    line = next(x for x in section.splitlines() if x.startswith(f"| {metric} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_the_bar_reads_each_variant_on_its_mean_over_seeds(doc):
+    seeds = row(doc, f"| {LABELS['sellarec']} | seed 0:").split("|")[3].strip()  # "mean ± std"
+    cells = bar_row(doc, "AUC")
+    assert cells[1] == f"{seeds.split(' ± ')[0]} (3)"
+    assert cells[-2] == "holds"  # SeLLa-Rec > CoLLM (TALLRec and zero-shot not measured here)
+    assert cells[-1].startswith("holds (+")
+    assert "Moonshot" in doc and "reached (+" in doc
+
+
+def test_the_bar_fails_when_sellarec_falls_below_mf_and_collm_on_the_mean(tmp_path):
+    weak = SIGNAL | {"sellarec": 0.0}
+    doc = report(tmp_path, [weak, weak], base=weak)
+    for metric in ("AUC", "UAUC"):
+        cells = bar_row(doc, metric)
+        assert cells[-2] == f"fails: {LABELS['sellarec']} <= {LABELS['collm']}"
+        assert cells[-1].startswith("fails (-")

@@ -30,6 +30,16 @@ def _seed_runs(r: Report) -> list[tuple[Path, dict[str, dict]]]:
     return [(d, res) for d, res in runs if res]
 
 
+def seed_means(r: Report) -> dict[str, dict[str, tuple[float, int]]]:
+    """Per variant of the base run: {metric: (mean over the seeds it was run at, seeds)}."""
+    runs = [res for _, res in _seed_runs(r)]
+    out = {}
+    for name in r.results:
+        found = [res[name]["valid"] for res in runs if name in res]
+        out[name] = {k: (float(sum(v[k] for v in found) / len(found)), len(found)) for k in ("auc", "uauc")}
+    return out
+
+
 def seeds_section(r: Report) -> list[str]:
     lines = ["## Training noise (seeds)", ""]
     dirs = _seed_runs(r)
