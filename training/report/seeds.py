@@ -36,7 +36,7 @@ def seed_means(r: Report) -> dict[str, dict[str, tuple[float, int]]]:
     out = {}
     for name in r.results:
         found = [res[name]["valid"] for res in runs if name in res]
-        out[name] = {k: (float(sum(v[k] for v in found) / len(found)), len(found)) for k in ("auc", "uauc")}
+        out[name] = {k: (mean_std([v[k] for v in found])[0], len(found)) for k in ("auc", "uauc")}
     return out
 
 
