@@ -111,9 +111,12 @@ def write_done(run: Path, directory: str, stage: str, losses: list[float], with_
 
 
 def report(
-    tmp_path: Path, seed_signals: list[dict[str, float]], with_losses: bool = True, base: dict | None = None
+    tmp_path: Path,
+    seed_signals: list[dict[str, float]],
+    with_losses: bool = True,
+    base_signal: dict | None = None,
 ) -> str:
-    base = make_run(tmp_path, "base", 0, base or SIGNAL, with_losses)
+    base = make_run(tmp_path, "base", 0, base_signal or SIGNAL, with_losses)
     seeds = [make_run(tmp_path, f"seed{k + 1}", k + 1, s) for k, s in enumerate(seed_signals)]
     doc = write_report(
         base, tmp_path / "docs" / "results.md", tmp_path / "docs" / "figures", resamples=50, seeds=seeds
@@ -287,7 +290,7 @@ def test_the_bar_reads_each_variant_on_its_mean_over_seeds(doc):
 
 def test_the_bar_fails_when_sellarec_falls_below_mf_and_collm_on_the_mean(tmp_path):
     weak = SIGNAL | {"sellarec": 0.0}
-    doc = report(tmp_path, [weak, weak], base=weak)
+    doc = report(tmp_path, [weak, weak], base_signal=weak)
     for metric in ("AUC", "UAUC"):
         cells = bar_row(doc, metric)
         assert cells[-2] == f"fails: {LABELS['sellarec']} <= {LABELS['collm']}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,12 @@ class Report:
         train = cfg.get("data", {}).get("train")
         paths = PathStyle.of(runs, Path(train).parent if train else None)
         return cls(runs, results, cfg, config, doc, figures, resamples, sweeps, seeds, paths)
+
+    @cached_property
+    def seed_runs(self) -> list[tuple[Path, dict[str, dict]]]:
+        """(directory, results) of the base run, then of each seed run that has any (read once)."""
+        runs = [(self.runs, self.results)] + [(d, load_results(d)) for d in self.seeds]
+        return [(d, res) for d, res in runs if res]
 
     def bootstrap(self, a: str, b: str) -> dict:
         """Paired bootstrap of a minus b on the base run (computed once per pair)."""

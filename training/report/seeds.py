@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sellarec.training.config import VARIANTS
-from sellarec.training.report.context import LABELS, Report, load_results, plus_minus, setting_of
+from sellarec.training.report.context import LABELS, Report, plus_minus, setting_of
 from sellarec.training.report.stats import mean_std, paired_difference
 
 #: Pairs compared over seeds, (better, worse) in the paper's order.
@@ -24,15 +24,9 @@ def _seed_of(results: dict[str, dict]) -> int | None:
     return next((res.get("seed") for res in results.values()), None)
 
 
-def _seed_runs(r: Report) -> list[tuple[Path, dict[str, dict]]]:
-    """(directory, results) of the base run, then of each seed run that has any."""
-    runs = [(r.runs, r.results)] + [(d, load_results(d)) for d in r.seeds]
-    return [(d, res) for d, res in runs if res]
-
-
 def seed_means(r: Report) -> dict[str, dict[str, tuple[float, int]]]:
     """Per variant of the base run: {metric: (mean over the seeds it was run at, seeds)}."""
-    runs = [res for _, res in _seed_runs(r)]
+    runs = [res for _, res in r.seed_runs]
     out = {}
     for name in r.results:
         found = [res[name]["valid"] for res in runs if name in res]
@@ -42,7 +36,7 @@ def seed_means(r: Report) -> dict[str, dict[str, tuple[float, int]]]:
 
 def seeds_section(r: Report) -> list[str]:
     lines = ["## Training noise (seeds)", ""]
-    dirs = _seed_runs(r)
+    dirs = r.seed_runs
     runs = [res for _, res in dirs]
     names = [n for n in VARIANTS if n in r.results and sum(n in res for res in runs) >= 2]
     if not names:

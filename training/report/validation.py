@@ -186,6 +186,11 @@ def bar_lines(r: Report) -> list[str]:
         + f" | {chain_label} | {LABELS['sellarec']} >= {LABELS['mf']} |",
         "|---|" + "---|" * (len(shown) + 2),
     ]
+    gap = (
+        {k: means["sellarec"][k][0] - means["mf"][k][0] for k in ("auc", "uauc")}
+        if "sellarec" in means and "mf" in means
+        else {}
+    )
     for k in ("auc", "uauc"):
         cells = [f"{means[n][k][0]:.4f} ({means[n][k][1]})" for n in shown]
         breaks = [
@@ -193,21 +198,14 @@ def bar_lines(r: Report) -> list[str]:
             for a, b in zip(chain, chain[1:], strict=False)
             if not means[a][k][0] > means[b][k][0]
         ]
-        held = (
-            "holds" if len(chain) >= 2 and not breaks else ("fails: " + ", ".join(breaks) if breaks else "-")
-        )
-        if "sellarec" in means and "mf" in means:
-            gap = means["sellarec"][k][0] - means["mf"][k][0]
-            vs_mf = f"{'holds' if gap >= 0 else 'fails'} ({gap:+.4f})"
-        else:
-            vs_mf = "-"
+        held = "fails: " + ", ".join(breaks) if breaks else ("holds" if len(chain) >= 2 else "-")
+        vs_mf = f"{'holds' if gap[k] >= 0 else 'fails'} ({gap[k]:+.4f})" if gap else "-"
         lines.append(f"| {k.upper()} | " + " | ".join(cells) + f" | {held} | {vs_mf} |")
-    if "sellarec" in means and "mf" in means:
-        gap = means["sellarec"]["auc"][0] - means["mf"]["auc"][0]
+    if gap:
         lines += [
             "",
             f"Moonshot ({LABELS['sellarec']} ahead of {LABELS['mf']} by {MOONSHOT_AUC} AUC or more on the "
-            f"mean): {'reached' if gap >= MOONSHOT_AUC else 'not reached'} ({gap:+.4f}).",
+            f"mean): {'reached' if gap['auc'] >= MOONSHOT_AUC else 'not reached'} ({gap['auc']:+.4f}).",
         ]
     return lines
 
