@@ -426,3 +426,25 @@ def test_named_groups_record_their_own_gradient_norms_which_make_up_the_global_o
 def test_frozen_tables_record_no_gradient_group(tiny_backbone_dir):
     metrics = _train_stage3(tiny_backbone_dir, table_lr=0.0)
     assert set(metrics["group_grad_norms"]) == {"proj_c", "proj_w"}
+
+
+def test_stage1_starts_from_the_same_lora_whatever_loading_the_backbone_drew(tiny_backbone_dir, tmp_path, monkeypatch):
+    # A first load converts the GGUF backbone and draws random numbers doing so; a later one
+    # reads the converted copy. The LoRA must not start elsewhere on a fresh machine.
+    from safetensors.torch import load_file
+
+    real, draws = stage1.load_backbone, iter([0, 1000])
+
+    def load(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        torch.rand(next(draws))
+        return loaded
+
+    monkeypatch.setattr(stage1, "load_backbone", load)
+    adapters = []
+    for name in ("fresh", "warm"):
+        _train_stage1(tiny_backbone_dir, tmp_path / name)
+        adapters.append(load_file(next((tmp_path / name / "adapter").glob("*.safetensors"))))
+    assert adapters[0].keys() == adapters[1].keys()
+    for key in adapters[0]:
+        assert torch.equal(adapters[0][key], adapters[1][key]), key

@@ -37,8 +37,11 @@ def train_stage1(
 ) -> dict:
     """Fit the LoRA by BCE on P(Yes) of the stage-1 prompt; save it under out/adapter."""
     w = world()
-    torch.manual_seed(seed)
     model, tokenizer, _ = load_backbone(backbone)
+    # Seeded after the load: a first load converts the GGUF backbone (and draws random numbers
+    # doing so) where a later one reads the converted copy, so a seed set before it gave the
+    # LoRA another initialisation on a fresh machine than on a warm one.
+    torch.manual_seed(seed)
     peft_model = attach_lora(model, cfg.lora())
     peft_model.train()
     scorer = SellaRec(peft_model, tokenizer, spec)
