@@ -428,7 +428,26 @@ def test_frozen_tables_record_no_gradient_group(tiny_backbone_dir):
     assert set(metrics["group_grad_norms"]) == {"proj_c", "proj_w"}
 
 
-def test_stage1_starts_from_the_same_lora_whatever_loading_the_backbone_drew(tiny_backbone_dir, tmp_path, monkeypatch):
+def test_stage3_shows_the_neutral_user_on_the_configured_share_of_rows(tiny_backbone_dir, monkeypatch):
+    seen = []
+    real = stage3.split_loss
+
+    def spy(*args, **kwargs):
+        seen.append(args[8] if len(args) > 8 else kwargs.get("neutral"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage3, "split_loss", spy)
+    _train_stage3(tiny_backbone_dir)
+    assert seen and all(s is None for s in seen)
+    seen.clear()
+    _train_stage3(tiny_backbone_dir, neutral_user_rate=0.5)
+    flags = torch.cat(seen)
+    assert len(flags) == 5 and 0 < int(flags.sum()) < 5  # 5 rows, seeded: some of each
+
+
+def test_stage1_starts_from_the_same_lora_whatever_loading_the_backbone_drew(
+    tiny_backbone_dir, tmp_path, monkeypatch
+):
     # A first load converts the GGUF backbone and draws random numbers doing so; a later one
     # reads the converted copy. The LoRA must not start elsewhere on a fresh machine.
     from safetensors.torch import load_file

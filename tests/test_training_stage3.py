@@ -108,3 +108,49 @@ def test_shared_head_in_split_loss_gives_the_same_loss(tiny_backbone_dir):
         a = split_loss(scorer, tables, heads, tails, uids, iids, labels)
         b = split_loss(scorer, tables, heads, tails, uids, iids, labels, SharedHead(scorer, heads))
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_neutral_rows_enter_with_the_mean_trained_user_and_the_others_with_their_own(tiny_backbone_dir):
+    scorer, _, frame = _setup(tiny_backbone_dir)
+    users = torch.randn(5, 8)
+    trained = torch.tensor([False, True, True, False, True])  # users 0 and 3 have no training row
+    tables = SoftInputTables(users, torch.randn(10, 8), torch.randn(10, scorer.llm_dim), trained.numpy())
+    uids, iids = torch.tensor([1, 2, 4, 1]), torch.tensor([2, 3, 4, 5])
+    neutral = torch.tensor([True, False, True, False])
+
+    got = tables.vectors(scorer, uids, iids, neutral)
+    mixed = torch.where(neutral[:, None], users[trained].mean(0), users[uids])
+    expected = scorer.soft_vectors(mixed, tables.items[iids], tables.semantic[iids], len(uids))
+    assert torch.allclose(got, expected, atol=1e-6)
+    plain = tables.vectors(scorer, uids, iids)
+    assert torch.allclose(got[~neutral], plain[~neutral], atol=1e-6)
+    assert not torch.allclose(got[neutral, 0], plain[neutral, 0], atol=1e-3)  # the user token moved
+    assert torch.allclose(got[neutral, 1:], plain[neutral, 1:], atol=1e-6)  # the item tokens did not
+
+
+def test_the_neutral_user_is_a_constant_of_the_step(tiny_backbone_dir):
+    # Only the rows' own users learn from them: a gradient through the mean would move every
+    # trained user row (and Adam would step them all) on every step.
+    scorer, _, frame = _setup(tiny_backbone_dir)
+    tables = SoftInputTables(
+        torch.randn(5, 8), torch.randn(10, 8), None, torch.ones(5, dtype=torch.bool).numpy()
+    )
+    uids, iids = torch.tensor([1, 2]), torch.tensor([2, 3])
+    tables.vectors(scorer, uids, iids, torch.tensor([True, False])).sum().backward()
+    touched = tables.users.grad.abs().sum(1) > 0
+    assert touched.tolist() == [False, False, True, False, False]
+
+
+def test_neutral_rows_are_a_seeded_share_and_none_at_rate_zero():
+    import pytest
+
+    from sellarec.training.stage3 import neutral_rows
+
+    assert neutral_rows(100, 0.0, 0) is None
+    mask = neutral_rows(20_000, 0.3, 0)
+    assert mask.dtype == torch.bool and abs(float(mask.float().mean()) - 0.3) < 0.02
+    assert torch.equal(mask, neutral_rows(20_000, 0.3, 0))
+    assert not torch.equal(mask, neutral_rows(20_000, 0.3, 1))
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="neutral_user_rate"):
+            neutral_rows(10, bad, 0)

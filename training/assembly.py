@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import save_file
@@ -111,7 +112,7 @@ def stage3_bundle(
         torch.cat([collab[MF_USERS], collab[MF_ITEMS]]) if MF_USERS in collab else None,
         cfg.stage3.soft_token_gain,
     )
-    tables = soft_input_tables(scorer, collab, semantic)
+    tables = soft_input_tables(scorer, collab, semantic, data.trained_users())
     rows = sample(data.train, cfg.stage3.budget, cfg.seed + 3)
     metrics = train_stage3(scorer, tables, rows, cfg.stage3, cfg.seed, progress)
     tensors = trained_tensors(data, scorer, tables)
@@ -126,7 +127,10 @@ def warm_start(collab: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def soft_input_tables(
-    scorer: SellaRec, collab: dict[str, torch.Tensor], semantic: torch.Tensor | None
+    scorer: SellaRec,
+    collab: dict[str, torch.Tensor],
+    semantic: torch.Tensor | None,
+    trained_users: np.ndarray | None = None,
 ) -> SoftInputTables:
     """The tables stage 3 trains: only those a projection of the scorer reads."""
     uses_collab = scorer.proj_c is not None
@@ -134,6 +138,7 @@ def soft_input_tables(
         collab[MF_USERS] if uses_collab else None,
         collab[MF_ITEMS] if uses_collab else None,
         semantic if scorer.proj_w is not None else None,
+        trained_users if uses_collab else None,
     )
 
 

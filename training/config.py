@@ -159,6 +159,12 @@ class Stage3Config:
     #: in the paper). A larger gradient is scaled down to this norm before the optimiser step,
     #: so one step's spike does not enter Adam's moments at full size.
     max_grad_norm: float | None = None
+    #: Share of the stage-3 rows whose user enters as the neutral vector (the mean trained MF
+    #: user) instead of their own MF row (choice; 0: every row its own, as in the paper).
+    #: Evaluation and the service give that vector to every user the MF never saw, which on
+    #: ML-1M's temporal split is about a third of the validation rows; at 0 stage 3 never
+    #: shows it to the LLM, so those rows reach it out of distribution.
+    neutral_user_rate: float = 0.0
 
 
 @dataclass

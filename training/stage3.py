@@ -36,20 +36,53 @@ from sellarec.training.loop import lr_scheduler, run_epochs
 
 
 class SoftInputTables(nn.Module):
-    """The trainable inputs of the soft tokens: MF users/items and semantic items."""
+    """The trainable inputs of the soft tokens: MF users/items and semantic items.
 
-    def __init__(self, users: torch.Tensor | None, items: torch.Tensor | None, semantic: torch.Tensor | None):
+    `trained_users` masks the users with training rows: their mean row is the neutral user
+    vector that evaluation and the service give a user the MF never saw (training.bundles).
+    """
+
+    def __init__(
+        self,
+        users: torch.Tensor | None,
+        items: torch.Tensor | None,
+        semantic: torch.Tensor | None,
+        trained_users: np.ndarray | None = None,
+    ):
         super().__init__()
         self.users = nn.Parameter(users.clone().float()) if users is not None else None
         self.items = nn.Parameter(items.clone().float()) if items is not None else None
         self.semantic = nn.Parameter(semantic.clone().float()) if semantic is not None else None
-
-    def vectors(self, scorer: SellaRec, uids: torch.Tensor, iids: torch.Tensor) -> torch.Tensor:
-        """[n, 3, d_L] projected soft tokens (Eq. 10) for (user, item) pairs."""
-        pick = lambda t, i: t[i] if t is not None else None  # noqa: E731
-        return scorer.soft_vectors(
-            pick(self.users, uids), pick(self.items, iids), pick(self.semantic, iids), len(uids)
+        self.trained_users = (
+            torch.as_tensor(trained_users, dtype=torch.bool) if trained_users is not None else None
         )
+
+    def neutral_user(self) -> torch.Tensor:
+        """The mean trained user row, as the bundle will store it; a constant for the step."""
+        mask = self.trained_users
+        rows = self.users[mask] if mask is not None and bool(mask.any()) else self.users
+        return rows.detach().mean(0)
+
+    def vectors(
+        self, scorer: SellaRec, uids: torch.Tensor, iids: torch.Tensor, neutral: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[n, 3, d_L] projected soft tokens (Eq. 10) for (user, item) pairs; rows where the
+        bool mask `neutral` is set enter with the neutral user vector instead of their own."""
+        pick = lambda t, i: t[i] if t is not None else None  # noqa: E731
+        users = pick(self.users, uids)
+        if users is not None and neutral is not None and bool(neutral.any()):
+            users = torch.where(neutral[:, None], self.neutral_user(), users)
+        return scorer.soft_vectors(users, pick(self.items, iids), pick(self.semantic, iids), len(uids))
+
+
+def neutral_rows(n: int, rate: float, seed: int) -> torch.Tensor | None:
+    """Bool mask of the rows (a seeded `rate` share of `n`) whose user enters stage 3 as the
+    neutral vector (`stage3.neutral_user_rate`); None at rate 0, drawing nothing."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"stage3.neutral_user_rate must be in [0, 1), not {rate}")
+    if rate == 0.0:
+        return None
+    return torch.as_tensor(np.random.default_rng([seed, 7]).random(n) < rate)
 
 
 SOFT_TOKEN_SCALES = ("backbone", "free")
@@ -148,8 +181,10 @@ def split_loss(
     iids: torch.Tensor,
     labels: torch.Tensor,
     head: SharedHead | None = None,
+    neutral: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """BCE on P(Yes) with the slot-free heads run once each under no_grad."""
+    """BCE on P(Yes) with the slot-free heads run once each under no_grad; `neutral` as in
+    SoftInputTables.vectors."""
     unique: dict[tuple[int, ...], int] = {}
     rows = torch.tensor([unique.setdefault(h.ids, len(unique)) for h in heads])
     distinct = [None] * len(unique)
@@ -157,7 +192,7 @@ def split_loss(
         distinct[unique[h.ids]] = h
     with torch.no_grad():
         state = head.run(distinct) if head is not None else scorer.run_prefixes(distinct)
-    logits = scorer.score_suffixes(state, rows, tails, tables.vectors(scorer, uids, iids))
+    logits = scorer.score_suffixes(state, rows, tails, tables.vectors(scorer, uids, iids, neutral))
     return F.binary_cross_entropy_with_logits(logits, labels)  # Eq. 11
 
 
@@ -175,6 +210,7 @@ def train_stage3(
     uids = torch.as_tensor(train["uid"].to_numpy(copy=True), dtype=torch.long)
     iids = torch.as_tensor(train["iid"].to_numpy(copy=True), dtype=torch.long)
     labels = torch.as_tensor(train["label"].to_numpy(copy=True), dtype=torch.float32)
+    neutral = neutral_rows(len(train), cfg.neutral_user_rate, seed)
     if cfg.semantic_inputs not in SEMANTIC_INPUTS:
         raise ValueError(f"stage3.semantic_inputs: one of {SEMANTIC_INPUTS}, not {cfg.semantic_inputs!r}")
     centered = cfg.semantic_inputs == "centered" and scorer.proj_w is not None and tables.semantic is not None
@@ -217,6 +253,7 @@ def train_stage3(
             iids[b],
             labels[b],
             shared,
+            neutral[b] if neutral is not None else None,
         )
         return loss * (len(local) / batch_size)
 
