@@ -7,11 +7,9 @@
 #   A: MF, TALLRec, CoLLM and SeLLa-Rec at seed 0 in RUNS/ml1m, then soft tokens pinned to the
 #      backbone's scale (RUNS/ml1m-pinned: SeLLa-Rec with stage3.soft_token_scale=backbone, reusing
 #      the stage-1/2 caches; the config runs the paper's free scale), then the SeLLa ablations
-#      SeLLa-Proj and SeLLa-Warm, then CoLLM with a third of the stage-3 rows shown the neutral
-#      user (RUNS/ml1m-neutral: stage3.neutral_user_rate, a setting beside the config);
+#      SeLLa-Proj and SeLLa-Warm;
 #   B: zero-shot, then MF, CoLLM and SeLLa-Rec again at seeds 1 and 2 (RUNS/ml1m-seed1,
-#      RUNS/ml1m-seed2: the training noise), then the ablation SeLLa-UI, then SeLLa-Rec with the
-#      neutral user as A's CoLLM.
+#      RUNS/ml1m-seed2: the training noise), then the ablation SeLLa-UI.
 # Then `sellarec-train report` writes docs/results.md and docs/figures/. CONFIG overrides the
 # configuration (default training/configs/ml1m.yaml; its data paths are relative to it).
 set -euo pipefail
@@ -27,13 +25,6 @@ worker_a() {
   CONFIG=$config "$root/scripts/train/sweep.sh" "$runs/ml1m" "$runs/ml1m-pinned" sellarec -- \
     --set stage3.soft_token_scale=backbone --no-progress
   "$train" run sella-proj sella-warm --config "$config" --out "$runs/ml1m" --no-progress
-  neutral collm
-}
-
-# The stage-3 setting measured beside the config at seed 0, on the seed-0 stage-1/2 caches.
-neutral() {
-  CONFIG=$config "$root/scripts/train/sweep.sh" "$runs/ml1m" "$runs/ml1m-neutral" "$1" -- \
-    --set stage3.neutral_user_rate=0.35 --no-progress
 }
 
 worker_b() {
@@ -44,7 +35,6 @@ worker_b() {
   done
   # The last ablation evens the two workers' loads (its stage-1/2 caches are A's, by then built).
   "$train" run sella-ui --config "$config" --out "$runs/ml1m" --no-progress
-  neutral sellarec
 }
 
 echo "$(stamp) start: $runs (config $config)"
@@ -55,5 +45,5 @@ b=$!
 rc=0; wait $a || rc=$?; echo "$(stamp) worker A done (exit $rc)"
 rc=0; wait $b || rc=$?; echo "$(stamp) worker B done (exit $rc)"
 "$train" report --runs "$runs/ml1m" --seeds "$runs/ml1m-seed1" --seeds "$runs/ml1m-seed2" \
-  --sweep "$runs/ml1m-pinned" --sweep "$runs/ml1m-neutral" --doc docs/results.md --figures docs/figures
+  --sweep "$runs/ml1m-pinned" --doc docs/results.md --figures docs/figures
 echo "$(stamp) report written: docs/results.md"
