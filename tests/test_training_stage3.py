@@ -111,7 +111,7 @@ def test_shared_head_in_split_loss_gives_the_same_loss(tiny_backbone_dir):
 
 
 def test_neutral_rows_enter_with_the_mean_trained_user_and_the_others_with_their_own(tiny_backbone_dir):
-    scorer, _, frame = _setup(tiny_backbone_dir)
+    scorer, _, _ = _setup(tiny_backbone_dir)
     users = torch.randn(5, 8)
     trained = torch.tensor([False, True, True, False, True])  # users 0 and 3 have no training row
     tables = SoftInputTables(users, torch.randn(10, 8), torch.randn(10, scorer.llm_dim), trained.numpy())
@@ -131,7 +131,7 @@ def test_neutral_rows_enter_with_the_mean_trained_user_and_the_others_with_their
 def test_the_neutral_user_is_a_constant_of_the_step(tiny_backbone_dir):
     # Only the rows' own users learn from them: a gradient through the mean would move every
     # trained user row (and Adam would step them all) on every step.
-    scorer, _, frame = _setup(tiny_backbone_dir)
+    scorer, _, _ = _setup(tiny_backbone_dir)
     tables = SoftInputTables(
         torch.randn(5, 8), torch.randn(10, 8), None, torch.ones(5, dtype=torch.bool).numpy()
     )

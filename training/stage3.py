@@ -253,7 +253,7 @@ def train_stage3(
             iids[b],
             labels[b],
             shared,
-            neutral[b] if neutral is not None else None,
+            neutral=neutral[b] if neutral is not None else None,
         )
         return loss * (len(local) / batch_size)
 
