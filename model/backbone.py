@@ -68,7 +68,10 @@ def fetch_smollm2(root: Path | None = None) -> Path:
         tmp_path = Path(tmp)
         gguf_dir = _download_gguf(tmp_path)
         staging = tmp_path / "converted"
-        _convert_gguf(gguf_dir, staging)
+        # Building the plain model draws random initial weights; a caller's seeded stream must
+        # not depend on whether this machine had converted the backbone before.
+        with torch.random.fork_rng(devices=[]):
+            _convert_gguf(gguf_dir, staging)
         sha = hashlib.sha256((gguf_dir / SMOLLM2_GGUF).read_bytes()).hexdigest()
         (staging / _INFO_FILE).write_text(json.dumps({"source": SMOLLM2_WHEEL, "gguf_sha256": sha}, indent=2))
         if target.exists():  # a half-written copy from an interrupted run

@@ -65,3 +65,27 @@ def test_lora_attaches_trains_and_merges(smollm2):
 def test_missing_backbone_says_how_to_get_one():
     with pytest.raises(BackboneNotFound, match="smollm2-135m-instruct"):
         load_backbone("/no/such/backbone")
+
+
+def test_converting_the_backbone_leaves_the_callers_random_stream_alone(tmp_path, monkeypatch):
+    # A first run on a machine converts the GGUF (building a model draws random weights); a
+    # later run reads the converted copy. A seed set before the load must mean the same in both.
+    from sellarec.model import backbone
+
+    def download(workdir):
+        (workdir / "gguf").mkdir()
+        (workdir / "gguf" / backbone.SMOLLM2_GGUF).write_bytes(b"gguf")
+        return workdir / "gguf"
+
+    def convert(gguf_dir, out):
+        torch.nn.Linear(64, 64)  # initialises like the real conversion's from_config
+        out.mkdir()
+
+    monkeypatch.setattr(backbone, "_download_gguf", download)
+    monkeypatch.setattr(backbone, "_convert_gguf", convert)
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    target = backbone.fetch_smollm2(tmp_path)
+    assert (target / backbone._INFO_FILE).exists()
+    assert torch.equal(torch.rand(4), expected)

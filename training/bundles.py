@@ -54,7 +54,8 @@ def catalog(data: Dataset, history_length: int) -> Catalog:
     )
 
 
-def _masked_mean(table: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
+def masked_mean(table: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
+    """Mean row of `table` over `mask` (all rows where the mask is empty): a neutral vector."""
     m = torch.as_tensor(mask)
     return table[m].mean(0) if bool(m.any()) else table.mean(0)
 
@@ -64,14 +65,14 @@ def collab_tensors(data: Dataset, users: torch.Tensor, items: torch.Tensor) -> d
     return {
         MF_USERS: users,
         MF_ITEMS: items,
-        NEUTRAL_USER: _masked_mean(users, data.trained_users()),
-        NEUTRAL_ITEM: _masked_mean(items, data.trained_items()),
+        NEUTRAL_USER: masked_mean(users, data.trained_users()),
+        NEUTRAL_ITEM: masked_mean(items, data.trained_items()),
     }
 
 
 def semantic_tensors(data: Dataset, semantic: torch.Tensor) -> dict[str, torch.Tensor]:
     titled = np.array([bool(t) for t in data.items.titles])
-    return {SEMANTIC_ITEMS: semantic, NEUTRAL_SEMANTIC: _masked_mean(semantic, titled)}
+    return {SEMANTIC_ITEMS: semantic, NEUTRAL_SEMANTIC: masked_mean(semantic, titled)}
 
 
 def write_bundle(

@@ -31,6 +31,7 @@ from sellarec.model.prompts import Slot, TemplateSpec
 from sellarec.model.sella import SellaRec
 from sellarec.model.shared_head import SharedHead
 from sellarec.training.batches import grouped_batches, row_prompts, split_before_first_slot
+from sellarec.training.bundles import masked_mean
 from sellarec.training.config import Stage3Config
 from sellarec.training.loop import lr_scheduler, run_epochs
 
@@ -59,9 +60,8 @@ class SoftInputTables(nn.Module):
 
     def neutral_user(self) -> torch.Tensor:
         """The mean trained user row, as the bundle will store it; a constant for the step."""
-        mask = self.trained_users
-        rows = self.users[mask] if mask is not None and bool(mask.any()) else self.users
-        return rows.detach().mean(0)
+        users = self.users.detach()
+        return users.mean(0) if self.trained_users is None else masked_mean(users, self.trained_users)
 
     def vectors(
         self, scorer: SellaRec, uids: torch.Tensor, iids: torch.Tensor, neutral: torch.Tensor | None = None
