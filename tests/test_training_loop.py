@@ -467,3 +467,89 @@ def test_stage1_starts_from_the_same_lora_whatever_loading_the_backbone_drew(
     assert adapters[0].keys() == adapters[1].keys()
     for key in adapters[0]:
         assert torch.equal(adapters[0][key], adapters[1][key]), key
+
+
+def _weights_after_each_step(epochs: int) -> list[torch.Tensor]:
+    """The reference: the same SGD run by hand, its weights and bias after every step."""
+    model, optimizer = _linear()
+    seen = []
+    for _ in range(epochs):
+        for batch in BATCHES:
+            optimizer.zero_grad()
+            _bce(model)(batch, len(batch)).backward()
+            optimizer.step()
+            seen.append(torch.cat([model.weight.detach().flatten(), model.bias.detach()]))
+    return seen
+
+
+@pytest.mark.parametrize("start", [0, 2, 5])
+def test_the_tail_average_ends_the_loop_at_the_mean_weights_after_its_start(start):
+    model, optimizer = _linear()
+    params = list(model.parameters())
+    average = loop.TailAverage(params, start=start)
+    run_epochs("test", 3, lambda: BATCHES, _bce(model), optimizer, params, progress=False, average=average)
+
+    steps = _weights_after_each_step(3)
+    expected = torch.stack(steps[start:]).mean(0)
+    got = torch.cat([model.weight.detach().flatten(), model.bias.detach()])
+    assert average.steps == 6 and average.averaged == 6 - start
+    assert torch.allclose(got, expected, atol=1e-6)
+    if start < 5:  # a real average of several steps is not the last step's weights
+        assert not torch.allclose(got, steps[-1], atol=1e-4)
+
+
+def test_a_tail_average_that_starts_after_the_last_step_leaves_the_last_weights():
+    model, optimizer = _linear()
+    params = list(model.parameters())
+    average = loop.TailAverage(params, start=100)
+    run_epochs("test", 3, lambda: BATCHES, _bce(model), optimizer, params, progress=False, average=average)
+    assert average.averaged == 0
+    got = torch.cat([model.weight.detach().flatten(), model.bias.detach()])
+    assert torch.equal(got, _weights_after_each_step(3)[-1])
+
+
+def test_a_tail_average_cannot_start_before_the_first_step():
+    with pytest.raises(ValueError, match="average"):
+        loop.TailAverage([], start=-1)
+
+
+def _stage3_with_average(tiny_backbone_dir, average_from):
+    torch.manual_seed(0)
+    model, tok, info = load_backbone(str(tiny_backbone_dir))
+    scorer = SellaRec(
+        model,
+        tok,
+        TemplateSpec(),
+        proj_c=CollabProjector(8, info.hidden_size),
+        proj_w=SemanticProjector(info.hidden_size),
+    )
+    torch.manual_seed(1)
+    tables = stage3.SoftInputTables(torch.randn(5, 8), torch.randn(10, 8), torch.randn(10, info.hidden_size))
+    cfg = Stage3Config(batch_size=2, epochs=2, lr=1e-2, average_from=average_from)
+    stage3.train_stage3(scorer, tables, _frame(), cfg, 0, progress=False)
+    return scorer, tables
+
+
+def test_stage3_averages_every_trained_weight_over_its_last_steps(tiny_backbone_dir, monkeypatch):
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["average"] = kwargs.get("average")
+        seen["params"] = args[5]
+        return run_epochs(*args, **kwargs)
+
+    monkeypatch.setattr(stage3, "run_epochs", spy)
+    _, last = _stage3_with_average(tiny_backbone_dir, None)
+    assert seen["average"] is None
+    scorer, averaged = _stage3_with_average(tiny_backbone_dir, 0.5)
+    average = seen["average"]
+    assert average.steps == 6 and average.start == 3 and average.averaged == 3  # 5 rows in 2s, 2 epochs
+    assert average.params == seen["params"]  # the tables and both projections: all that the optimiser trains
+    assert any(p is scorer.proj_w.net.weight for p in average.params)
+    assert not torch.allclose(averaged.users, last.users)  # it ends elsewhere than the last step
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1])
+def test_stage3_refuses_an_average_outside_the_steps(tiny_backbone_dir, bad):
+    with pytest.raises(ValueError, match="average_from"):
+        _stage3_with_average(tiny_backbone_dir, bad)

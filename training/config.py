@@ -167,6 +167,11 @@ class Stage3Config:
     #: and 1: CoLLM +0.010 and +0.018 AUC, SeLLa-Rec -0.010 and -0.010 (docs/results.md), so
     #: training/configs/ml1m.yaml leaves it at 0.
     neutral_user_rate: float = 0.0
+    #: Where the stage ends (choice; None: at the last step's weights, as in the paper): a
+    #: fraction f in [0, 1) ends it at the uniform average of every trained weight over the
+    #: steps after the first f of them (training.loop.TailAverage), so the bundle does not
+    #: carry wherever the last noisy step of a constant learning rate left the weights.
+    average_from: float | None = None
 
 
 @dataclass

@@ -70,6 +70,43 @@ class TrainingRun:
         )
 
 
+class TailAverage:
+    """Uniform average of `params` over the optimiser steps after the first `start` (Polyak
+    averaging, the average of stochastic weight averaging): `apply` puts it in place of the
+    last step's weights. At a constant learning rate the weights keep wandering around the
+    minimum they reached; their average sits nearer its centre than any one step."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], start: int) -> None:
+        if start < 0:
+            raise ValueError(f"the average starts after step 0 or later, not {start}")
+        self.params = list(params)
+        self.start = start
+        #: Optimiser steps seen, and how many of them are in the average.
+        self.steps = 0
+        self.averaged = 0
+        self._mean: list[torch.Tensor] | None = None
+        self._update = torch.optim.swa_utils.get_swa_multi_avg_fn()
+
+    @torch.no_grad()
+    def observe(self) -> None:
+        """After an optimiser step."""
+        self.steps += 1
+        if self.steps <= self.start:
+            return
+        current = [p.detach() for p in self.params]
+        if self._mean is None:
+            self._mean = [c.clone() for c in current]
+        else:
+            self._update(self._mean, current, self.averaged)
+        self.averaged += 1
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Copy the average into the parameters (nothing to do before the first averaged step)."""
+        if self._mean is not None:
+            torch._foreach_copy_(self.params, self._mean)
+
+
 #: Learning-rate schedules a stage may name (None: constant after the warm-up).
 SCHEDULES = ("cosine",)
 
@@ -108,10 +145,12 @@ def run_epochs(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     progress: bool = True,
     max_grad_norm: float | None = None,
+    average: TailAverage | None = None,
 ) -> TrainingRun:
     """`epochs` passes over `batches()` (called once per epoch, so a seeded generator it
     draws from gives the same order on every process), one optimiser step per batch; with
-    `max_grad_norm` the summed gradient is clipped to that global L2 norm before each step."""
+    `max_grad_norm` the summed gradient is clipped to that global L2 norm before each step;
+    `average` observes every step and is applied at the end."""
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 or unset, not {max_grad_norm}")
     w = world()
@@ -142,6 +181,10 @@ def run_epochs(
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
+            if average is not None:
+                average.observe()
             losses.append(total(loss.item(), w))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    if average is not None:
+        average.apply()
     return TrainingRun(losses, time.perf_counter() - start, grad_norms, by_group)

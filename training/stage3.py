@@ -33,7 +33,7 @@ from sellarec.model.shared_head import SharedHead
 from sellarec.training.batches import grouped_batches, row_prompts, split_before_first_slot
 from sellarec.training.bundles import masked_mean
 from sellarec.training.config import Stage3Config
-from sellarec.training.loop import lr_scheduler, run_epochs
+from sellarec.training.loop import TailAverage, lr_scheduler, run_epochs
 
 
 class SoftInputTables(nn.Module):
@@ -257,10 +257,15 @@ def train_stage3(
         )
         return loss * (len(local) / batch_size)
 
-    def steps() -> int:  # for a decaying schedule: counted on a copy of the generator (order unchanged)
+    def steps() -> int:  # counted on a copy of the generator (order unchanged)
         count = copy.deepcopy(rng)
         return sum(len(grouped_batches(heads, lengths, cfg.batch_size, count)) for _ in range(cfg.epochs))
 
+    average = None
+    if cfg.average_from is not None:
+        if not 0 <= cfg.average_from < 1:
+            raise ValueError(f"stage3.average_from must be in [0, 1) or unset, not {cfg.average_from}")
+        average = TailAverage(params, start=int(cfg.average_from * steps()))
     run = run_epochs(
         "stage3",
         cfg.epochs,
@@ -271,6 +276,7 @@ def train_stage3(
         lr_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_steps, steps),
         progress=progress,
         max_grad_norm=cfg.max_grad_norm,
+        average=average,
     )
     if centered:
         scorer.proj_w.net = scorer.proj_w.net.folded()

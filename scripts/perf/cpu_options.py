@@ -5,8 +5,11 @@
 Variants, each on its own copy of SmolLM2 (fp32), timed in turn within every repetition so
 that a busy machine slows them alike: `plain` (nn.Linear, aten::mm), `packed` (linear
 layers on packed oneDNN weights), `packed+swiglu` (the default fast path: the MLP's gate
-fused into oneDNN post-ops), and at one candidate `split` (the prefix and the suffix as two
-forwards, as before the one-candidate rule) against the backend's whole-prompt forward.
+fused into oneDNN post-ops), at one candidate `split` (the prefix and the suffix as two
+forwards, as before the one-candidate rule) against the backend's whole-prompt forward, and
+with `--compiled` a `compiled` variant: the plain decoder with every layer's forward under
+`torch.compile(dynamic=True)` and Inductor's freezing (its own weight packing and fused
+element-wise kernels; the first call compiles, minutes on 2 cores).
 Prints the best and median rate of each, its largest score difference from `plain`, and
 its speed-up. Environment settings (OMP_WAIT_POLICY, OMP_PROC_BIND) act at start-up:
 compare them by running this script under each.
@@ -30,14 +33,26 @@ from sellarec.model.sella import SellaRec
 from sellarec.service.backends.torch_backend import TorchBackend
 
 
-def variants(base: SellaRec) -> dict[str, TorchBackend]:
+def variants(base: SellaRec, compiled: bool = False) -> dict[str, TorchBackend]:
     packed = copy.deepcopy(base)
     fast_path.enable(packed.decoder, packed.llm_dim, fuse_mlp=False)
-    return {
+    out = {
         "plain": TorchBackend(base, cpu_fast_path=False),
         "packed": TorchBackend(packed, cpu_fast_path=False),
         "packed+swiglu": TorchBackend(copy.deepcopy(base)),
     }
+    if compiled:
+        # Dynamo cannot trace the packed layers' opaque oneDNN weights, so this compiles the
+        # plain decoder; freezing lets Inductor pack the weights itself.
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        torch._dynamo.config.recompile_limit = 4 * len(base.decoder.layers)  # one guard set per layer
+        scorer = copy.deepcopy(base)
+        for layer in scorer.decoder.layers:
+            layer.forward = torch.compile(layer.forward, dynamic=True)
+        out["compiled"] = TorchBackend(scorer, cpu_fast_path=False)
+    return out
 
 
 def requests(backend: TorchBackend, n: int) -> dict[str, Callable[[], np.ndarray]]:
@@ -67,10 +82,11 @@ def main() -> None:
     parser.add_argument("--candidates", default="1,20,100")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--compiled", action="store_true", help="also time torch.compile of the decoder")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base, _ = build_scorer("smollm2", "cpu", torch.float32)
-    backends = variants(base)
+    backends = variants(base, args.compiled)
     for n in [int(x) for x in args.candidates.split(",")]:
         calls = {}
         for name, backend in backends.items():
@@ -79,6 +95,8 @@ def main() -> None:
                     continue
                 calls[f"{name} {suffix}".strip()] = fn
         reference = calls["plain"]()
+        for fn in calls.values():
+            fn()  # warm-up (and, for `compiled`, compilation) outside the timed repetitions
         times: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(args.reps):
             for name, fn in calls.items():

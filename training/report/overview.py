@@ -25,6 +25,7 @@ PAPER_SETTINGS: dict[str, str] = {
     "stage3.warm_start": "stage 2's aligned Proj C->L as is",
     "stage3.semantic_inputs": "the distilled semantics as they are",
     "stage3.max_grad_norm": "not stated",
+    "stage3.average_from": "the last step's weights",
 }
 
 
@@ -115,6 +116,8 @@ def _ours(cfg: dict, key: str) -> str:
         return "as is (the paper)" if value is None else f"{value} (model.collab.{value}_warm_start)"
     if name == "max_grad_norm":
         return "unclipped" if value is None else f"summed gradient clipped to L2 norm {value}"
+    if name == "average_from":
+        return "the last step's weights" if value is None else f"mean over the steps after {value:.0%}"
     if name == "semantic_inputs":
         return "as they are (the paper)" if value is None else f"{value} (training.stage3.CenteredInputs)"
     return "-" if value is None else str(value)
