@@ -193,12 +193,18 @@ def _train_stage1(tiny_backbone_dir, tmp_path) -> dict:
     )
 
 
-def _train_stage3(tiny_backbone_dir, **settings) -> dict:
+def _tiny_sella(tiny_backbone_dir) -> tuple[SellaRec, stage3.SoftInputTables]:
+    """Seeded: the tiny backbone with both projections, and random tables of 5 users, 10 items."""
     torch.manual_seed(0)
     model, tok, info = load_backbone(str(tiny_backbone_dir))
     proj_c, proj_w = CollabProjector(8, info.hidden_size), SemanticProjector(info.hidden_size)
     scorer = SellaRec(model, tok, TemplateSpec(), proj_c=proj_c, proj_w=proj_w)
     tables = stage3.SoftInputTables(torch.randn(5, 8), torch.randn(10, 8), torch.randn(10, info.hidden_size))
+    return scorer, tables
+
+
+def _train_stage3(tiny_backbone_dir, **settings) -> dict:
+    scorer, tables = _tiny_sella(tiny_backbone_dir)
     cfg = Stage3Config(batch_size=2, **settings)
     return stage3.train_stage3(scorer, tables, _frame(), cfg, 0, progress=False)
 
@@ -300,16 +306,7 @@ def test_stage3_runs_its_schedule_over_exactly_its_steps(tiny_backbone_dir, monk
         return seen["scheduler"]
 
     monkeypatch.setattr(stage3, "lr_scheduler", spy)
-    torch.manual_seed(0)
-    model, tok, info = load_backbone(str(tiny_backbone_dir))
-    scorer = SellaRec(
-        model,
-        tok,
-        TemplateSpec(),
-        proj_c=CollabProjector(8, info.hidden_size),
-        proj_w=SemanticProjector(info.hidden_size),
-    )
-    tables = stage3.SoftInputTables(torch.randn(5, 8), torch.randn(10, 8), torch.randn(10, info.hidden_size))
+    scorer, tables = _tiny_sella(tiny_backbone_dir)
     cfg = Stage3Config(batch_size=2, epochs=2, lr=1e-2, lr_schedule="cosine", warmup_steps=1)
     metrics = stage3.train_stage3(scorer, tables, _frame(), cfg, 0, progress=False)
     assert seen["schedule"] == "cosine" and seen["warmup"] == 1
@@ -319,16 +316,7 @@ def test_stage3_runs_its_schedule_over_exactly_its_steps(tiny_backbone_dir, monk
 
 @pytest.mark.parametrize("table_lr", [None, 0.0, 1e-4])
 def test_stage3_trains_the_tables_at_their_own_rate(table_lr, tiny_backbone_dir):
-    torch.manual_seed(0)
-    model, tok, info = load_backbone(str(tiny_backbone_dir))
-    scorer = SellaRec(
-        model,
-        tok,
-        TemplateSpec(),
-        proj_c=CollabProjector(8, info.hidden_size),
-        proj_w=SemanticProjector(info.hidden_size),
-    )
-    tables = stage3.SoftInputTables(torch.randn(5, 8), torch.randn(10, 8), torch.randn(10, info.hidden_size))
+    scorer, tables = _tiny_sella(tiny_backbone_dir)
     before = {k: v.detach().clone() for k, v in tables.state_dict().items()}
     proj_before = scorer.proj_c.net[0].weight.detach().clone()
     cfg = Stage3Config(batch_size=2, lr=1e-2, table_lr=table_lr)
@@ -514,17 +502,7 @@ def test_a_tail_average_cannot_start_before_the_first_step():
 
 
 def _stage3_with_average(tiny_backbone_dir, average_from):
-    torch.manual_seed(0)
-    model, tok, info = load_backbone(str(tiny_backbone_dir))
-    scorer = SellaRec(
-        model,
-        tok,
-        TemplateSpec(),
-        proj_c=CollabProjector(8, info.hidden_size),
-        proj_w=SemanticProjector(info.hidden_size),
-    )
-    torch.manual_seed(1)
-    tables = stage3.SoftInputTables(torch.randn(5, 8), torch.randn(10, 8), torch.randn(10, info.hidden_size))
+    scorer, tables = _tiny_sella(tiny_backbone_dir)
     cfg = Stage3Config(batch_size=2, epochs=2, lr=1e-2, average_from=average_from)
     stage3.train_stage3(scorer, tables, _frame(), cfg, 0, progress=False)
     return scorer, tables
