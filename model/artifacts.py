@@ -108,6 +108,9 @@ class Manifest(BaseModel):
     answer_token_ids: dict[str, int] | None
     placeholders: list[str] = Field(default_factory=list)
     has_adapter: bool = False
+    #: The extension `sellarec-mf`: the score's logit is the LLM's plus the MF dot product of
+    #: the same (user, item) vectors (not a paper variant; False for every paper variant).
+    mf_residual: bool = False
     n_users: int
     n_items: int
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -172,7 +175,7 @@ class Bundle:
         backbone = self.manifest.backbone
         llm_dim = self.manifest.llm_dim or (backbone.hidden_size if backbone else 0)
         try:
-            return load_projections(self.tensors, llm_dim, device)
+            return load_projections(self.tensors, llm_dim, device, self.manifest.mf_residual)
         except ValueError as e:  # a scale out of range (model.collab): the bundle is not usable
             raise ArtifactError(f"{self.path}: projection weights: {e}") from e
 

@@ -58,18 +58,25 @@ def projection_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def load_projections(
-    tensors: Mapping[str, torch.Tensor], llm_dim: int, device: torch.device | str = "cpu"
+    tensors: Mapping[str, torch.Tensor],
+    llm_dim: int,
+    device: torch.device | str = "cpu",
+    mf_residual: bool = False,
 ) -> Projections:
     """The projections stored in `tensors` (a bundle's, or a store version's), frozen on `device`.
 
     The one place trained projections are rebuilt: dimensions and output norm come from the
     state dicts; a projection with no weights is None (its slots are not in the prompt).
+    `mf_residual` comes from the manifest (or the store version's model identity).
     """
+    if mf_residual and not without_prefix(tensors, PROJ_C):
+        raise ValueError("an MF residual needs the MF vectors, which only a prompt with Proj C->L reads")
     proj_c, proj_w = without_prefix(tensors, PROJ_C), without_prefix(tensors, PROJ_W)
     return Projections(
         llm_dim=llm_dim,
         proj_c=CollabProjector.from_state(proj_c) if proj_c else None,
         proj_w=SemanticProjector.from_state(proj_w) if proj_w else None,
+        mf_residual=mf_residual,
     ).frozen(device)
 
 

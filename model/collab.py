@@ -153,6 +153,9 @@ class Projections:
     proj_w: SemanticProjector | None = None
     #: Where the projections run and the soft tokens are made.
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: The `sellarec-mf` extension: each score's logit gets the MF dot product added
+    #: (`mf_logits`); False for every paper variant.
+    mf_residual: bool = False
 
     @property
     def uses_collab(self) -> bool:
@@ -163,6 +166,13 @@ class Projections:
     def uses_semantic(self) -> bool:
         """The items' semantic vectors reach the prompt (through Proj W->L)."""
         return self.proj_w is not None
+
+    def mf_logits(self, user_collab: torch.Tensor, item_collab: torch.Tensor) -> torch.Tensor | None:
+        """[n] the logit offsets of n candidates: `<u, v_i>` of the user's MF vector [1 or n, d_C]
+        and theirs [n, d_C] under an MF residual (float64), None without one."""
+        if not self.mf_residual:
+            return None
+        return (user_collab.double() * item_collab.double()).sum(-1)
 
     def frozen(self, device: torch.device | str) -> Projections:
         """These projections on `device`, in eval mode, without gradients (for serving)."""

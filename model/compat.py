@@ -29,7 +29,16 @@ from sellarec.model.backbone import BackboneInfo
 
 #: The variants whose bundles hold an LLM, named when an MF bundle is refused
 #: (training/config.py defines them; a test keeps the two lists equal).
-LLM_VARIANTS = ("zeroshot", "tallrec", "collm", "sellarec", "sella-proj", "sella-warm", "sella-ui")
+LLM_VARIANTS = (
+    "zeroshot",
+    "tallrec",
+    "collm",
+    "sellarec",
+    "sella-proj",
+    "sella-warm",
+    "sella-ui",
+    "sellarec-mf",
+)
 
 
 def require_llm(manifest: Manifest, where: str | Path = "") -> None:
@@ -81,6 +90,8 @@ class ModelIdentity:
     answer_ids: tuple[int, int]
     #: sha256 of the LoRA weights ("" without an adapter).
     adapter: str
+    #: The `sellarec-mf` extension: the MF dot product is part of every score.
+    mf_residual: bool = False
     #: The backbone's name, for messages only (never compared).
     backbone_spec: str = ""
 
@@ -97,6 +108,7 @@ class ModelIdentity:
             template=json.dumps(manifest.template.model_dump(), sort_keys=True),
             answer_ids=(int(ids.get("yes", -1)), int(ids.get("no", -1))),
             adapter=manifest.checksums.get(ADAPTER_WEIGHTS, ""),
+            mf_residual=manifest.mf_residual,
             backbone_spec=manifest.backbone.spec,
         )
 
@@ -129,6 +141,8 @@ class ModelIdentity:
         if artifact.adapter != self.adapter:
             theirs, ours = artifact.adapter[:12] or "none", self.adapter[:12] or "none"
             out.append(f"LoRA weights: artifact {theirs}, model {ours}")
+        if artifact.mf_residual != self.mf_residual:
+            out.append(f"MF residual: artifact {artifact.mf_residual}, model {self.mf_residual}")
         return out
 
     def to_dict(self) -> dict[str, Any]:

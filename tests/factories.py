@@ -164,4 +164,5 @@ def variant_bundle(root: Path, backbone_dir: Path, variant: str, collab_dim: int
         tokenizer=tok,
         adapter=adapter,
         collab_dim=collab_dim if v.stage3 else None,
+        mf_residual=v.mf_residual,
     )

@@ -19,6 +19,7 @@ import factories
 import httpx
 import pytest
 import redis.asyncio as redis
+import torch
 from asgi_lifespan import LifespanManager
 from test_service_support import REDIS_URL, delete_prefix, quick_settings, unique_prefix
 from typer.testing import CliRunner
@@ -169,3 +170,40 @@ async def test_the_store_admin_refuses_an_mf_bundle_before_writing(bundles):
         assert [k async for k in client.scan_iter(match=f"{prefix}:*")] == []
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("store", ["in-process", "redis"])
+async def test_an_mf_residual_bundle_serves_the_llm_logit_plus_the_dot_product(bundles, store):
+    """`sellarec-mf` and `sellarec` bundles drawn from one seed hold the same weights: the
+    residual bundle's served logits are the other's plus <u, v_i> (neutral rows for the cold)."""
+    residual, plain = bundles["sellarec-mf"], bundles["sellarec"]
+    bundle = load_bundle(residual)
+    tables, catalog = bundle.tables(), bundle.catalog
+    assert torch.equal(tables.users, load_bundle(plain).tables().users)
+    items = catalog.items[1:4]
+    user = catalog.users[1]
+    logits = {}
+    prefix = unique_prefix()
+    client = redis.from_url(REDIS_URL)
+    try:
+        for name, path in (("plain", plain), ("residual", residual)):
+            settings = None
+            if store == "redis":
+                await StoreAdmin(client, prefix).load(load_bundle(path), force=True)
+                settings = quick_settings(artifacts=path, redis_url=REDIS_URL, redis_prefix=prefix)
+            async with serving(path, settings) as http:
+                for who in (user, "nobody"):
+                    answer = await http.post("/score", json={"user_id": who, "items": [*items, NEW_ITEM]})
+                    assert answer.status_code == 200, answer.text
+                    p = torch.tensor([s["score"] for s in answer.json()["scores"]], dtype=torch.float64)
+                    logits[name, who] = torch.log(p) - torch.log1p(-p)
+    finally:
+        await client.aclose()
+        await delete_prefix(prefix)
+    rows = catalog.item_rows()
+    vectors = torch.stack([*(tables.items[rows[i]] for i in items), tables.neutral_item]).double()
+    for who, u in ((user, tables.users[catalog.user_rows()[user]]), ("nobody", tables.neutral_user)):
+        dots = vectors @ u.double()
+        assert dots.abs().max() > 0.1  # a residual large enough to see
+        got = logits["residual", who] - logits["plain", who]
+        assert torch.allclose(got, dots, atol=2e-3), (who, got, dots)

@@ -13,7 +13,7 @@ from sellarec.model.artifacts import load_bundle
 from sellarec.model.loader import load_scorer
 from sellarec.training.config import VARIANTS, load_config
 from sellarec.training.data import Dataset
-from sellarec.training.evaluate import evaluate_bundle
+from sellarec.training.evaluate import collab_inputs, evaluate_bundle, score_llm
 from sellarec.training.pipeline import Pipeline, run_variant
 from sellarec.training.synthetic import synthetic_dataset
 
@@ -116,6 +116,22 @@ def test_unknown_users_and_items_score_with_neutral_vectors(run_dir, tiny_data, 
     frame["not_cold"] = 0
     metrics, scores = evaluate_bundle(result["bundle"], frame, progress=False)
     assert np.isfinite(scores).all() and metrics["n"] == 6
+
+
+def test_the_mf_residual_extension_scores_the_llm_logit_plus_the_dot_product(run_dir, tiny_data):
+    result = json.loads((run_dir / "results" / "sellarec-mf.json").read_text())
+    bundle = load_bundle(result["bundle"])
+    assert bundle.manifest.mf_residual and bundle.manifest.variant == "sellarec-mf"
+    plain = json.loads((run_dir / "results" / "sellarec.json").read_text())
+    assert not load_bundle(plain["bundle"]).manifest.mf_residual  # the paper variant is untouched
+    frame = tiny_data.valid.head(6).copy()
+    frame.loc[:1, "uid"] = [900, 901]  # users the MF never saw: the neutral user's dot product
+    _, scores = evaluate_bundle(result["bundle"], frame, progress=False)
+    inputs = collab_inputs(bundle)
+    llm = score_llm(load_scorer(bundle).scorer, inputs, frame, progress=False)
+    users, items = inputs.user(frame["uid"].tolist()), inputs.item(frame["iid"].tolist())
+    np.testing.assert_allclose(scores, llm + (users * items).sum(-1).double().numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(scores, llm, atol=1e-3)
 
 
 def test_trained_tables_move_in_stage3(run_dir):

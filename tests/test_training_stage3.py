@@ -67,6 +67,41 @@ def test_prefix_without_grad_gives_the_plain_loss_and_gradients(tiny_backbone_di
         assert torch.allclose(g_plain, g_split, atol=1e-5, rtol=1e-4)
 
 
+def test_an_mf_residual_adds_the_dot_product_to_the_logits_and_trains_the_tables_with_it(tiny_backbone_dir):
+    scorer, tables, frame = _setup(tiny_backbone_dir)
+    uids, iids = torch.tensor(frame["uid"].to_numpy()), torch.tensor(frame["iid"].to_numpy())
+    labels = torch.tensor(frame["label"].to_numpy(), dtype=torch.float32)
+    prompts = row_prompts(scorer.spec, frame)
+    pieces = [split_before_first_slot(scorer.encoder, p) for p in prompts]
+    heads, tails = [h for h, _ in pieces], [t for _, t in pieces]
+
+    llm = scorer.score([scorer.encoder.prompt(p) for p in prompts], tables.vectors(scorer, uids, iids))
+    dots = torch.stack([tables.users[u] @ tables.items[i] for u, i in zip(uids, iids, strict=True)])
+    expected = F.binary_cross_entropy_with_logits(llm + dots, labels)
+    expected.backward()
+    want = _grads(tables.parameters())
+    for p in tables.parameters():
+        p.grad = None
+
+    got = split_loss(scorer, tables, heads, tails, uids, iids, labels, mf_residual=True)
+    got.backward()
+    assert torch.allclose(got, expected, atol=1e-5)
+    plain = split_loss(scorer, tables, heads, tails, uids, iids, labels).detach()
+    assert not torch.allclose(got.detach(), plain, atol=1e-3)  # the residual is there
+    for g_want, g_got in zip(want, _grads(tables.parameters()), strict=True):
+        assert torch.allclose(g_want, g_got, atol=1e-5, rtol=1e-4)
+
+
+def test_an_mf_residual_gives_neutral_rows_the_neutral_users_dot_product(tiny_backbone_dir):
+    users, items = torch.randn(5, 8), torch.randn(10, 8)
+    trained = torch.tensor([False, True, True, False, True])
+    tables = SoftInputTables(users, items, None, trained.numpy())
+    uids, iids, neutral = torch.tensor([1, 2, 4]), torch.tensor([2, 3, 4]), torch.tensor([True, False, True])
+    got = tables.mf_logits(uids, iids, neutral)
+    mixed = torch.where(neutral[:, None], users[trained].mean(0), users[uids])
+    assert torch.allclose(got, (mixed * items[iids]).sum(-1), atol=1e-6)
+
+
 def test_split_prompt_concatenates_to_the_whole_prompt(tiny_backbone_dir):
     scorer, _, frame = _setup(tiny_backbone_dir, slots=(Slot.WARM,))
     for prompt in row_prompts(scorer.spec, frame):

@@ -70,6 +70,7 @@ def write_variant(
         adapter=adapter,
         collab_dim=collab_dim,
         extra={"config": asdict(cfg)},
+        mf_residual=variant.mf_residual,
     )
     return {}
 
@@ -114,7 +115,8 @@ def stage3_bundle(
     )
     tables = soft_input_tables(scorer, collab, semantic, data.trained_users())
     rows = sample(data.train, cfg.stage3.budget, cfg.seed + 3)
-    metrics = train_stage3(scorer, tables, rows, cfg.stage3, cfg.seed, progress)
+    residual = variant.mf_residual
+    metrics = train_stage3(scorer, tables, rows, cfg.stage3, cfg.seed, progress, mf_residual=residual)
     tensors = trained_tensors(data, scorer, tables)
     collab_dim = cfg.stage2.collab_dim
     write_variant(d, cfg, data, variant, tensors, spec=spec, adapter=adapter, collab_dim=collab_dim)

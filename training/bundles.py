@@ -87,6 +87,7 @@ def write_bundle(
     adapter: Path | None = None,
     collab_dim: int | None = None,
     extra: dict | None = None,
+    mf_residual: bool = False,
 ) -> Path:
     """Save one variant's bundle (LLM fields only when `info` and `spec` are given)."""
     answer = None
@@ -105,6 +106,7 @@ def write_bundle(
         placeholders=[s.placeholder for s in spec.slots] if spec else [],
         n_users=data.n_users,
         n_items=data.n_items,
+        mf_residual=mf_residual,
         extra=extra or {},
     )
     return save_bundle(

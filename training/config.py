@@ -225,6 +225,9 @@ class Variant:
     warm_start: bool = True
     #: Slots of the stage-3 prompt.
     slots: tuple[Slot, ...] = ALL_SLOTS
+    #: Extension, not a paper variant: the LLM's logit is a residual on the MF dot product of
+    #: the same user and item vectors, in stage 3's loss and in every score of the bundle.
+    mf_residual: bool = False
 
 
 VARIANTS: dict[str, Variant] = {
@@ -238,6 +241,7 @@ VARIANTS: dict[str, Variant] = {
         Variant("sella-proj", warm_start=False),
         Variant("sella-warm", slots=(Slot.USER, Slot.ITEM)),
         Variant("sella-ui", slots=(Slot.WARM,)),
+        Variant("sellarec-mf", mf_residual=True),  # extension: SeLLa-Rec as a residual on MF
     ]
 }
 

@@ -71,9 +71,15 @@ def score_mf(bundle: Bundle, frame: pd.DataFrame) -> np.ndarray:
 
 @torch.inference_mode()
 def score_llm(
-    scorer: SellaRec, inputs: CollabInputs, frame: pd.DataFrame, batch_size: int = 16, progress: bool = True
+    scorer: SellaRec,
+    inputs: CollabInputs,
+    frame: pd.DataFrame,
+    batch_size: int = 16,
+    progress: bool = True,
+    mf_residual: bool = False,
 ) -> np.ndarray:
-    """Logits of P(Yes) per row, prefix groups shared, packs sorted by prefix length."""
+    """Logits of P(Yes) per row, prefix groups shared, packs sorted by prefix length;
+    `mf_residual` (a `sellarec-mf` bundle) adds each row's MF dot product."""
     uids, iids = frame["uid"].tolist(), frame["iid"].tolist()
     groups, suffixes = prefix_groups(scorer.encoder, row_prompts(scorer.spec, frame), uids)
     head = SharedHead(scorer, [g.prefix for g in groups])  # the instruction, run once
@@ -87,6 +93,9 @@ def score_llm(
         picked = [iids[r] for r in rows]
         vectors = scorer.soft_vectors(None, inputs.item(picked), inputs.item_semantic(picked), len(rows))
         logits = scorer.score_suffixes(state, owner, [suffixes[r] for r in rows], vectors)
+        if mf_residual:
+            users = inputs.user([uids[r] for r in rows])
+            logits = logits.double() + (users * inputs.item(picked)).sum(-1).double()
         scores[rows] = logits.double().cpu().numpy()
         bar.update(len(rows))
     bar.close()
@@ -101,7 +110,8 @@ def score_bundle(
     if not bundle.manifest.has_llm:
         return score_mf(bundle, frame)
     loaded = load_scorer(bundle)
-    return score_llm(loaded.scorer, collab_inputs(bundle), frame, batch_size, progress)
+    inputs = collab_inputs(bundle)
+    return score_llm(loaded.scorer, inputs, frame, batch_size, progress, bundle.manifest.mf_residual)
 
 
 def evaluate_bundle(

@@ -74,6 +74,16 @@ class SoftInputTables(nn.Module):
             users = torch.where(neutral[:, None], self.neutral_user(), users)
         return scorer.soft_vectors(users, pick(self.items, iids), pick(self.semantic, iids), len(uids))
 
+    def mf_logits(
+        self, uids: torch.Tensor, iids: torch.Tensor, neutral: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[n] MF dot products of the same rows (the `sellarec-mf` residual), neutral users as
+        in `vectors`; gradients reach both tables."""
+        users = self.users[uids]
+        if neutral is not None and bool(neutral.any()):
+            users = torch.where(neutral[:, None], self.neutral_user(), users)
+        return (users * self.items[iids]).sum(-1)
+
 
 def neutral_rows(n: int, rate: float, seed: int) -> torch.Tensor | None:
     """Bool mask of the rows (a seeded `rate` share of `n`) whose user enters stage 3 as the
@@ -182,9 +192,10 @@ def split_loss(
     labels: torch.Tensor,
     head: SharedHead | None = None,
     neutral: torch.Tensor | None = None,
+    mf_residual: bool = False,
 ) -> torch.Tensor:
     """BCE on P(Yes) with the slot-free heads run once each under no_grad; `neutral` as in
-    SoftInputTables.vectors."""
+    SoftInputTables.vectors; `mf_residual` adds the rows' MF dot products to the logits."""
     unique: dict[tuple[int, ...], int] = {}
     rows = torch.tensor([unique.setdefault(h.ids, len(unique)) for h in heads])
     distinct = [None] * len(unique)
@@ -193,6 +204,8 @@ def split_loss(
     with torch.no_grad():
         state = head.run(distinct) if head is not None else scorer.run_prefixes(distinct)
     logits = scorer.score_suffixes(state, rows, tails, tables.vectors(scorer, uids, iids, neutral))
+    if mf_residual:
+        logits = logits + tables.mf_logits(uids, iids, neutral)
     return F.binary_cross_entropy_with_logits(logits, labels)  # Eq. 11
 
 
@@ -203,8 +216,11 @@ def train_stage3(
     cfg: Stage3Config,
     seed: int,
     progress: bool = True,
+    mf_residual: bool = False,
 ) -> dict:
-    """Fit tables + projections on `train` (one pass per epoch, length-bucketed batches)."""
+    """Fit tables + projections on `train` (one pass per epoch, length-bucketed batches);
+    `mf_residual` (the `sellarec-mf` extension) trains the LLM's logit as a residual on the MF
+    dot product of the same rows, which the tables then also receive gradients through."""
     encoder = scorer.encoder
     pieces = [split_before_first_slot(encoder, p) for p in row_prompts(scorer.spec, train)]
     uids = torch.as_tensor(train["uid"].to_numpy(copy=True), dtype=torch.long)
@@ -214,6 +230,8 @@ def train_stage3(
     if cfg.semantic_inputs not in SEMANTIC_INPUTS:
         raise ValueError(f"stage3.semantic_inputs: one of {SEMANTIC_INPUTS}, not {cfg.semantic_inputs!r}")
     centered = cfg.semantic_inputs == "centered" and scorer.proj_w is not None and tables.semantic is not None
+    if mf_residual and (tables.users is None or tables.items is None):
+        raise ValueError("an MF residual needs the MF user and item tables (<User_ID> and <Item_ID>)")
     if centered:  # trained on centred inputs, folded back into a plain layer below
         scorer.proj_w.net = CenteredInputs.over(scorer.proj_w.net, tables.semantic)
     projections = [p for p in (scorer.proj_c, scorer.proj_w) if p is not None]
@@ -254,6 +272,7 @@ def train_stage3(
             labels[b],
             shared,
             neutral=neutral[b] if neutral is not None else None,
+            mf_residual=mf_residual,
         )
         return loss * (len(local) / batch_size)
 

@@ -41,11 +41,13 @@ class Backend(ABC):
         rows: Sequence[int],
         suffixes: Sequence[Encoded],
         suffix_vectors: torch.Tensor,
+        offsets: torch.Tensor | None = None,
     ) -> np.ndarray:
         """P(Yes) [N] of suffix n continuing prefix rows[n].
 
         `prefix_vectors` [P, 3, d_L] need only the user column, `suffix_vectors` [N, 3, d_L]
-        only the item and warm columns.
+        only the item and warm columns. `offsets` [N] (CPU), where given, are added to the
+        logits before the sigmoid (the MF residual of a `sellarec-mf` model).
         """
 
     @abstractmethod
@@ -131,8 +133,9 @@ class TorchBackend(Backend):
         rows: Sequence[int],
         suffixes: Sequence[Encoded],
         suffix_vectors: torch.Tensor,
+        offsets: torch.Tensor | None = None,
     ) -> np.ndarray:
-        out = torch.empty(len(suffixes), dtype=torch.float32)
+        out = torch.empty(len(suffixes), dtype=torch.float64)  # logits; P(Yes) at the end
         by_prefix: dict[int, list[int]] = {}
         for n, row in enumerate(rows):
             by_prefix.setdefault(row, []).append(n)
@@ -166,7 +169,9 @@ class TorchBackend(Backend):
                     cache.put(keys[p], row_state(state, j))
             candidates = {n: j for j, p in enumerate(group) for n in shared[p]}
             self._score_after(state, candidates, suffixes, suffix_vectors, out)
-        return out.numpy()
+        if offsets is not None:
+            out += offsets.to(out.dtype)
+        return torch.sigmoid(out).to(torch.float32).numpy()
 
     def _score_after(
         self,
@@ -189,7 +194,7 @@ class TorchBackend(Backend):
                 [suffixes[n] for n in chunk],
                 suffix_vectors[chunk],
             )
-            out[chunk] = torch.sigmoid(logits.float()).cpu()
+            out[chunk] = logits.double().cpu()
 
     def _score_whole(
         self,
@@ -216,7 +221,7 @@ class TorchBackend(Backend):
                 for j, n in enumerate(chunk):
                     own = len(prefixes[rows[n]]) - head.length  # its tokens past the head
                     self.prefix_cache.put(keys[rows[n]], head.grown(kept, j, own))
-            out[chunk] = torch.sigmoid(logits.float()).cpu()
+            out[chunk] = logits.double().cpu()
 
     @torch.inference_mode()
     def distill(self, prompts: Sequence[Encoded]) -> torch.Tensor:

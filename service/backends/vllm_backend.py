@@ -227,6 +227,7 @@ class VllmBackend(Backend):
         rows: Sequence[int],
         suffixes: Sequence[Encoded],
         suffix_vectors: torch.Tensor,
+        offsets: torch.Tensor | None = None,
     ) -> np.ndarray:
         if not suffixes:
             return np.zeros(0, dtype=np.float32)
@@ -241,6 +242,8 @@ class VllmBackend(Backend):
         for n, output in enumerate(outputs):
             logprobs = output.outputs[0].logprobs[0]
             margins[n] = logprobs[self.yes_id].logprob - logprobs[self.no_id].logprob
+        if offsets is not None:
+            margins += offsets.to(margins.dtype)
         return torch.sigmoid(margins).to(torch.float32).numpy()
 
     def distill(self, prompts: Sequence[Encoded]) -> torch.Tensor:

@@ -77,7 +77,7 @@ def run_jobs(backend: Backend, jobs: Sequence[Job]) -> list[JobResult]:
     vectors = backend.distill([wanted[t] for t in titles]) if titles else None
     distilled = {t: vectors[k].numpy() for k, t in enumerate(titles)} if vectors is not None else {}
 
-    prefix_vectors, suffix_vectors, rows, suffixes = [], [], [], []
+    prefix_vectors, suffix_vectors, rows, suffixes, offsets = [], [], [], [], []
     with torch.inference_mode():
         for row, job in enumerate(jobs):
             projections, user, item, semantic = job.projections, None, None, None
@@ -91,10 +91,20 @@ def run_jobs(backend: Backend, jobs: Sequence[Job]) -> list[JobResult]:
                 )
             prefix_vectors.append(projections.soft_vectors(user, None, None, 1).to(backend.device))
             suffix_vectors.append(projections.soft_vectors(None, item, semantic, job.size).to(backend.device))
+            offsets.append(projections.mf_logits(user, item) if projections.mf_residual else None)
             rows += [row] * job.size
             suffixes += job.suffixes
+    residual = None  # the MF residual of `sellarec-mf` versions (zero for the others in the batch)
+    if any(o is not None for o in offsets):
+        none = [torch.zeros(job.size, dtype=torch.float64) for job in jobs]
+        residual = torch.cat([o if o is not None else z for o, z in zip(offsets, none, strict=True)])
     probabilities = backend.score(
-        [job.prefix for job in jobs], torch.cat(prefix_vectors), rows, suffixes, torch.cat(suffix_vectors)
+        [job.prefix for job in jobs],
+        torch.cat(prefix_vectors),
+        rows,
+        suffixes,
+        torch.cat(suffix_vectors),
+        residual,
     )
     results, start = [], 0
     for job in jobs:

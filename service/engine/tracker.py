@@ -49,7 +49,9 @@ class ServedVersion:
         zeros = np.zeros(meta.model.collab_dim, dtype=np.float32)
         return cls(
             meta=meta,
-            projections=load_projections(meta.projections, meta.model.llm_dim, device),
+            projections=load_projections(
+                meta.projections, meta.model.llm_dim, device, meta.model.mf_residual
+            ),
             neutral_user=meta.neutral.get(NEUTRAL_USER, zeros),
             neutral_item=meta.neutral.get(NEUTRAL_ITEM, zeros),
         )

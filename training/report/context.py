@@ -25,6 +25,7 @@ LABELS = {
     "sella-proj": "SeLLa-Proj",
     "sella-warm": "SeLLa-Warm",
     "sella-ui": "SeLLa-UI",
+    "sellarec-mf": "SeLLa-Rec as a residual on MF (extension)",
 }
 #: The validation metrics of the table, in its column order.
 METRICS = ("auc", "uauc", "auc_warm", "auc_cold", "uauc_warm", "uauc_cold")
