@@ -63,6 +63,21 @@ def test_sample_is_seeded_and_keeps_order():
     assert sample(frame, 0, seed=3) is frame
 
 
+def test_the_held_out_train_split_is_exactly_the_rows_stage3_does_not_draw():
+    from sellarec.training.assembly import STAGE3_SEED_OFFSET, held_out
+    from sellarec.training.synthetic import synthetic_dataset
+
+    data = synthetic_dataset()
+    cfg = load_config(None, {"stage3.budget": 40, "seed": 2})
+    drawn = sample(data.train, 40, 2 + STAGE3_SEED_OFFSET)
+    rest = held_out(cfg, data).train
+    assert len(rest) == len(data.train) - 40
+    key = ["uid", "iid", "timestamp"]
+    both = pd.concat([rest[key], drawn[key]]).sort_values(key).reset_index(drop=True)
+    assert both.equals(data.train[key].sort_values(key).reset_index(drop=True))  # disjoint, and all of it
+    assert held_out(cfg, data).valid is data.valid
+
+
 def test_yaml_overrides_defaults_and_rejects_unknown_keys(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("seed: 5\nstage1:\n  budget: 7\n")

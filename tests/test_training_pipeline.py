@@ -122,7 +122,10 @@ def test_the_mf_residual_extension_scores_the_llm_logit_plus_the_dot_product(run
     result = json.loads((run_dir / "results" / "sellarec-mf.json").read_text())
     bundle = load_bundle(result["bundle"])
     assert bundle.manifest.mf_residual and bundle.manifest.variant == "sellarec-mf"
+    # Its MF was fit without the stage-3 rows; the paper variants' MF with them.
+    assert result["stages"]["stage2-align-holdout"]["dir"].startswith("stage2-align-holdout-")
     plain = json.loads((run_dir / "results" / "sellarec.json").read_text())
+    assert "stage2-align-holdout" not in plain["stages"] and "stage2-align" in plain["stages"]
     assert not load_bundle(plain["bundle"]).manifest.mf_residual  # the paper variant is untouched
     frame = tiny_data.valid.head(6).copy()
     frame.loc[:1, "uid"] = [900, 901]  # users the MF never saw: the neutral user's dot product
@@ -152,6 +155,12 @@ def test_report_writes_the_table_bootstrap_and_figure(run_dir, tmp_path):
     for label in LABELS.values():
         assert label in text
     assert "SeLLa-Rec - CoLLM" in text and "not yet run" not in text
+    # The extension is a row of its own section, never one of the paper's table.
+    section = text.split("## Validation table")[1].split("\n## ")[0]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
+    extension = text.split("## Extension, not a paper variant")[1].split("\n## ")[0]
+    assert LABELS["sellarec-mf"] not in table and f"| {LABELS['sellarec-mf']} |" in extension
+    assert f"| {LABELS['sellarec']} |" in table
     assert (tmp_path / "figures" / "fig7_cosine_ml1m.png").stat().st_size > 0
     result = json.loads((run_dir / "results" / "sellarec.json").read_text())
     same = paired_bootstrap(result, result, resamples=10)

@@ -137,6 +137,18 @@ def test_scores_equal_the_torch_backend_and_the_plain_path(loaded, vllm_backend)
     assert got[first] == pytest.approx(got[first + 1], abs=1e-6)
 
 
+def test_logit_offsets_are_added_before_the_sigmoid_on_both_backends(loaded, vllm_backend):
+    """The MF residual of a `sellarec-mf` model: P(Yes) = sigmoid(plain logit + offset)."""
+    prefixes, prefix_vectors, rows, suffixes, suffix_vectors, reference = batch(loaded)
+    offsets = torch.linspace(-2.0, 3.0, len(suffixes), dtype=torch.float64)
+    ref = torch.tensor(reference, dtype=torch.float64)
+    expected = torch.sigmoid(torch.log(ref) - torch.log1p(-ref) + offsets).numpy()
+    for backend in (vllm_backend, TorchBackend(loaded.scorer)):
+        got = backend.score(prefixes, prefix_vectors, rows, suffixes, suffix_vectors, offsets)
+        assert got.dtype == np.float32
+        assert np.abs(got - expected).max() < TOLERANCE
+
+
 def test_a_repeated_batch_hits_the_prefix_cache_and_scores_the_same(loaded, vllm_backend):
     args = batch(loaded)[:5]
     first = vllm_backend.score(*args)

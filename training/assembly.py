@@ -14,7 +14,7 @@ resolved and a staging directory, and return the metrics the stage records.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +30,20 @@ from sellarec.model.prompts import TemplateSpec
 from sellarec.model.sella import SellaRec
 from sellarec.training.bundles import collab_tensors, semantic_tensors, write_bundle
 from sellarec.training.config import RunConfig, Variant
-from sellarec.training.data import Dataset, sample
+from sellarec.training.data import Dataset, sample, without_sample
 from sellarec.training.evaluate import evaluate_bundle
 from sellarec.training.stage3 import SoftInputTables, build_scorer, train_stage3
+
+#: Stage 3 draws its training rows with the run's seed plus this (stage 1 draws with the seed).
+STAGE3_SEED_OFFSET = 3
+
+
+def held_out(cfg: RunConfig, data: Dataset) -> Dataset:
+    """`data` without the rows stage 3 trains on: the MF of an MF residual (`sellarec-mf`) is
+    fit on these, so that stage 3 meets its logits out of sample, as it will on new rows. On
+    the rows it was fit to, an MF's logits already explain the labels (measured on ML-1M: BCE
+    0.336 on the stage-3 rows against about 0.6 on validation), and a residual learns nothing."""
+    return replace(data, train=without_sample(data.train, cfg.stage3.budget, cfg.seed + STAGE3_SEED_OFFSET))
 
 
 def backbone_info(spec: str) -> BackboneInfo:
@@ -114,7 +125,7 @@ def stage3_bundle(
         cfg.stage3.soft_token_gain,
     )
     tables = soft_input_tables(scorer, collab, semantic, data.trained_users())
-    rows = sample(data.train, cfg.stage3.budget, cfg.seed + 3)
+    rows = sample(data.train, cfg.stage3.budget, cfg.seed + STAGE3_SEED_OFFSET)
     residual = variant.mf_residual
     metrics = train_stage3(scorer, tables, rows, cfg.stage3, cfg.seed, progress, mf_residual=residual)
     tensors = trained_tensors(data, scorer, tables)

@@ -226,7 +226,8 @@ class Variant:
     #: Slots of the stage-3 prompt.
     slots: tuple[Slot, ...] = ALL_SLOTS
     #: Extension, not a paper variant: the LLM's logit is a residual on the MF dot product of
-    #: the same user and item vectors, in stage 3's loss and in every score of the bundle.
+    #: the same user and item vectors, in stage 3's loss and in every score of the bundle; its
+    #: stage 2 is fit without the stage-3 rows (training.assembly.held_out).
     mf_residual: bool = False
 
 

@@ -58,12 +58,25 @@ def load_split(path: str | Path) -> pd.DataFrame:
     return normalise(pd.read_parquet(path))
 
 
+def sample_positions(n: int, limit: int, seed: int) -> np.ndarray:
+    """Sorted positions of the seeded sample of `limit` of `n` rows (all of them if limit <= 0)."""
+    if limit <= 0 or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
 def sample(frame: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
     """A seeded sample of `limit` rows in their original order (all rows if limit <= 0)."""
     if limit <= 0 or limit >= len(frame):
         return frame
-    rows = np.sort(np.random.default_rng(seed).choice(len(frame), size=limit, replace=False))
-    return frame.iloc[rows].reset_index(drop=True)
+    return frame.iloc[sample_positions(len(frame), limit, seed)].reset_index(drop=True)
+
+
+def without_sample(frame: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
+    """`frame` less the rows `sample(frame, limit, seed)` draws (none left if it draws all)."""
+    keep = np.ones(len(frame), dtype=bool)
+    keep[sample_positions(len(frame), limit, seed)] = False
+    return frame.iloc[np.flatnonzero(keep)].reset_index(drop=True)
 
 
 @dataclass

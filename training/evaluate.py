@@ -93,10 +93,10 @@ def score_llm(
         picked = [iids[r] for r in rows]
         vectors = scorer.soft_vectors(None, inputs.item(picked), inputs.item_semantic(picked), len(rows))
         logits = scorer.score_suffixes(state, owner, [suffixes[r] for r in rows], vectors)
+        logits = logits.double().cpu()
         if mf_residual:
-            users = inputs.user([uids[r] for r in rows])
-            logits = logits.double() + (users * inputs.item(picked)).sum(-1).double()
-        scores[rows] = logits.double().cpu().numpy()
+            logits += (inputs.user([uids[r] for r in rows]) * inputs.item(picked)).sum(-1).double()
+        scores[rows] = logits.numpy()
         bar.update(len(rows))
     bar.close()
     return scores

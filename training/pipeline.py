@@ -121,15 +121,19 @@ class Pipeline:
         )
         return load_file(path / "semantic.safetensors")[SEMANTIC_ITEMS], key
 
-    def stage2(self, align: bool) -> tuple[dict[str, torch.Tensor], str]:
+    def stage2(self, align: bool, holdout: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+        """MF (+ alignment); `holdout`: fit without the stage-3 rows (`assembly.held_out`)."""
         c = self.cfg
         semantic, kd = self.distill() if align else (None, "none")
-        key = fingerprint(self.data_key, kd, c.stage2, c.seed, align)
+        data, extra = (self.data, ())
+        if holdout:
+            data, extra = assembly.held_out(c, self.data), ("holdout", c.stage3.budget)
+        key = fingerprint(self.data_key, kd, c.stage2, c.seed, align, *extra)
         llm_dim = int(semantic.shape[1]) if semantic is not None else None
         path, _ = self._timed(
-            "stage2-align" if align else "stage2-mf",
+            ("stage2-align" if align else "stage2-mf") + ("-holdout" if holdout else ""),
             key,
-            lambda d: train_stage2(self.data, c.stage2, semantic, llm_dim, align, c.seed, d, self.progress),
+            lambda d: train_stage2(data, c.stage2, semantic, llm_dim, align, c.seed, d, self.progress),
         )
         return load_file(path / "collab.safetensors"), key
 
@@ -158,7 +162,7 @@ class Pipeline:
         _, spec3 = templates(c, variant)
         adapter, k1 = self.stage1()
         semantic, kd = self.distill() if variant.align or Slot.WARM in variant.slots else (None, "")
-        collab, k2 = self.stage2(align=variant.align)
+        collab, k2 = self.stage2(align=variant.align, holdout=variant.mf_residual)
         key = fingerprint(k1, kd, k2, c.stage3, c.seed, asdict(variant))
         return key, lambda d: assembly.stage3_bundle(
             d, c, self.data, variant, spec3, adapter, collab, semantic, self.progress

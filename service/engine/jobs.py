@@ -91,7 +91,7 @@ def run_jobs(backend: Backend, jobs: Sequence[Job]) -> list[JobResult]:
                 )
             prefix_vectors.append(projections.soft_vectors(user, None, None, 1).to(backend.device))
             suffix_vectors.append(projections.soft_vectors(None, item, semantic, job.size).to(backend.device))
-            offsets.append(projections.mf_logits(user, item) if projections.mf_residual else None)
+            offsets.append(projections.mf_logits(user, item) if user is not None else None)
             rows += [row] * job.size
             suffixes += job.suffixes
     residual = None  # the MF residual of `sellarec-mf` versions (zero for the others in the batch)

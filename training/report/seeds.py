@@ -17,6 +17,8 @@ SEED_PAIRS: tuple[tuple[str, str], ...] = (
     ("collm", "tallrec"),
     ("tallrec", "mf"),
     ("tallrec", "zeroshot"),
+    ("sellarec-mf", "mf"),  # the extension, where it was run
+    ("sellarec-mf", "sellarec"),
 )
 
 
