@@ -137,6 +137,17 @@ def test_the_mf_residual_extension_scores_the_llm_logit_plus_the_dot_product(run
     assert not np.allclose(scores, llm, atol=1e-3)
 
 
+def test_held_out_mf_fits_stage2_without_the_stage3_rows_for_a_paper_variant(tiny_cfg, tiny_data, tmp_path):
+    stage3 = dataclasses.replace(tiny_cfg.stage3, held_out_mf=True)
+    result = run_variant(
+        dataclasses.replace(tiny_cfg, stage3=stage3), "collm", tmp_path, data=tiny_data, progress=False
+    )
+    assert (
+        set(result["stages"]) >= {"stage2-mf-holdout", "bundle-collm"} and "stage2-mf" not in result["stages"]
+    )
+    assert not load_bundle(result["bundle"]).manifest.mf_residual  # still the paper's scoring
+
+
 def test_trained_tables_move_in_stage3(run_dir):
     result = json.loads((run_dir / "results" / "sellarec.json").read_text())
     bundle = load_bundle(result["bundle"])

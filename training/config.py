@@ -174,6 +174,13 @@ class Stage3Config:
     #: on ML-1M, seeds 0 and 1: CoLLM +0.005 and +0.015 AUC, SeLLa-Rec -0.004 and -0.046
     #: (docs/results.md), so training/configs/ml1m.yaml leaves it unset.
     average_from: float | None = None
+    #: Whether the MF whose vectors stage 3 reads is fit without stage 3's own rows (choice;
+    #: False: stage 2 fits every train row, as in the paper). On the rows it was fit to an MF
+    #: already explains the labels (ML-1M: BCE 0.336 on the stage-3 rows, 0.645 on
+    #: validation), so stage 3 learns how far to trust its soft tokens from rows where they
+    #: are better than they will be on any new row. True fits stage 2 on the train split less
+    #: the stage-3 sample (training.assembly.held_out); the `sellarec-mf` extension always does.
+    held_out_mf: bool = False
 
 
 @dataclass

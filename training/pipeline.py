@@ -162,7 +162,7 @@ class Pipeline:
         _, spec3 = templates(c, variant)
         adapter, k1 = self.stage1()
         semantic, kd = self.distill() if variant.align or Slot.WARM in variant.slots else (None, "")
-        collab, k2 = self.stage2(align=variant.align, holdout=variant.mf_residual)
+        collab, k2 = self.stage2(align=variant.align, holdout=variant.mf_residual or c.stage3.held_out_mf)
         key = fingerprint(k1, kd, k2, c.stage3, c.seed, asdict(variant))
         return key, lambda d: assembly.stage3_bundle(
             d, c, self.data, variant, spec3, adapter, collab, semantic, self.progress

@@ -26,6 +26,7 @@ PAPER_SETTINGS: dict[str, str] = {
     "stage3.semantic_inputs": "the distilled semantics as they are",
     "stage3.max_grad_norm": "not stated",
     "stage3.average_from": "the last step's weights",
+    "stage3.held_out_mf": "every train row",
 }
 
 
@@ -116,6 +117,8 @@ def _ours(cfg: dict, key: str) -> str:
         return "as is (the paper)" if value is None else f"{value} (model.collab.{value}_warm_start)"
     if name == "max_grad_norm":
         return "unclipped" if value is None else f"summed gradient clipped to L2 norm {value}"
+    if name == "held_out_mf":
+        return "stage 2 fits the train split less the stage-3 rows" if value else "every train row"
     if name == "average_from":
         return "the last step's weights" if value is None else f"mean over the steps after {value:.0%}"
     if name == "semantic_inputs":
