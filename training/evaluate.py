@@ -63,10 +63,14 @@ def collab_inputs(bundle: Bundle) -> CollabInputs:
     )
 
 
+def mf_dot(inputs: CollabInputs, uids: list, iids: list) -> torch.Tensor:
+    """[n] MF dot products of (user, item) pairs, neutral vectors for the ids the MF never saw."""
+    return (inputs.user(uids) * inputs.item(iids)).sum(-1)
+
+
 def score_mf(bundle: Bundle, frame: pd.DataFrame) -> np.ndarray:
     """MF variant: the dot product of the (neutral when unknown) user and item vectors."""
-    inputs = collab_inputs(bundle)
-    return (inputs.user(frame["uid"].tolist()) * inputs.item(frame["iid"].tolist())).sum(-1).numpy()
+    return mf_dot(collab_inputs(bundle), frame["uid"].tolist(), frame["iid"].tolist()).numpy()
 
 
 @torch.inference_mode()
@@ -95,7 +99,7 @@ def score_llm(
         logits = scorer.score_suffixes(state, owner, [suffixes[r] for r in rows], vectors)
         logits = logits.double().cpu()
         if mf_residual:
-            logits += (inputs.user([uids[r] for r in rows]) * inputs.item(picked)).sum(-1).double()
+            logits += mf_dot(inputs, [uids[r] for r in rows], picked).double()
         scores[rows] = logits.numpy()
         bar.update(len(rows))
     bar.close()

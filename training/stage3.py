@@ -69,9 +69,7 @@ class SoftInputTables(nn.Module):
         """[n, 3, d_L] projected soft tokens (Eq. 10) for (user, item) pairs; rows where the
         bool mask `neutral` is set enter with the neutral user vector instead of their own."""
         pick = lambda t, i: t[i] if t is not None else None  # noqa: E731
-        users = pick(self.users, uids)
-        if users is not None and neutral is not None and bool(neutral.any()):
-            users = torch.where(neutral[:, None], self.neutral_user(), users)
+        users = self._users(uids, neutral)
         return scorer.soft_vectors(users, pick(self.items, iids), pick(self.semantic, iids), len(uids))
 
     def mf_logits(
@@ -79,10 +77,16 @@ class SoftInputTables(nn.Module):
     ) -> torch.Tensor:
         """[n] MF dot products of the same rows (the `sellarec-mf` residual), neutral users as
         in `vectors`; gradients reach both tables."""
+        return (self._users(uids, neutral) * self.items[iids]).sum(-1)
+
+    def _users(self, uids: torch.Tensor, neutral: torch.Tensor | None) -> torch.Tensor | None:
+        """The MF user rows of `uids`, the neutral vector where `neutral` is set (None: no table)."""
+        if self.users is None:
+            return None
         users = self.users[uids]
         if neutral is not None and bool(neutral.any()):
             users = torch.where(neutral[:, None], self.neutral_user(), users)
-        return (users * self.items[iids]).sum(-1)
+        return users
 
 
 def neutral_rows(n: int, rate: float, seed: int) -> torch.Tensor | None:

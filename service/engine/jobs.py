@@ -96,8 +96,8 @@ def run_jobs(backend: Backend, jobs: Sequence[Job]) -> list[JobResult]:
             suffixes += job.suffixes
     residual = None  # the MF residual of `sellarec-mf` versions (zero for the others in the batch)
     if any(o is not None for o in offsets):
-        none = [torch.zeros(job.size, dtype=torch.float64) for job in jobs]
-        residual = torch.cat([o if o is not None else z for o, z in zip(offsets, none, strict=True)])
+        zero = lambda job: torch.zeros(job.size, dtype=torch.float64)  # noqa: E731
+        residual = torch.cat([o if o is not None else zero(j) for o, j in zip(offsets, jobs, strict=True)])
     probabilities = backend.score(
         [job.prefix for job in jobs],
         torch.cat(prefix_vectors),
