@@ -271,6 +271,9 @@ def test_the_budget_table_names_each_warm_start_and_the_clipping_bound():
     assert "anchored_warm_start" in row({"warm_start": "anchored"}, "stage3.warm_start")
     assert "| unclipped |" in row({}, "stage3.max_grad_norm")
     assert "norm 1.0" in row({"max_grad_norm": 1.0}, "stage3.max_grad_norm")
+    assert "| the labels alone |" in row({}, "stage3.teacher_weight")
+    mixed = row({"teacher_weight": 0.25}, "stage3.teacher_weight")
+    assert "0.75 x label + 0.25 x the MF's probability" in mixed
 
 
 def bar_row(doc: str, metric: str) -> list[str]:

@@ -189,3 +189,28 @@ def test_neutral_rows_are_a_seeded_share_and_none_at_rate_zero():
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="neutral_user_rate"):
             neutral_rows(10, bad, 0)
+
+
+def test_teacher_targets_mix_the_label_with_the_frozen_mf_probability():
+    import pytest
+
+    from sellarec.training.stage3 import teacher_targets
+
+    users, items = torch.randn(5, 8), torch.randn(10, 8)
+    tables = SoftInputTables(users, items, None, torch.ones(5, dtype=torch.bool).numpy())
+    uids, iids = torch.tensor([0, 1, 4]), torch.tensor([2, 9, 3])
+    labels = torch.tensor([1.0, 0.0, 1.0])
+    mf = torch.sigmoid((users[uids] * items[iids]).sum(-1))
+    assert teacher_targets(tables, uids, iids, labels, 0.0) is labels
+    torch.testing.assert_close(teacher_targets(tables, uids, iids, labels, 1.0), mf)
+    got = teacher_targets(tables, uids, iids, labels, 0.25)
+    torch.testing.assert_close(got, 0.75 * labels + 0.25 * mf)
+    assert not got.requires_grad  # the teacher is frozen: no gradient reaches the tables through it
+    neutral = torch.tensor([False, True, False])
+    neutral_mf = torch.sigmoid((users.mean(0) * items[9]).sum())
+    torch.testing.assert_close(teacher_targets(tables, uids, iids, labels, 1.0, neutral)[1], neutral_mf)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="teacher_weight"):
+            teacher_targets(tables, uids, iids, labels, bad)
+    with pytest.raises(ValueError, match="MF user and item tables"):
+        teacher_targets(SoftInputTables(None, items, None), uids, iids, labels, 0.5)

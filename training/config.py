@@ -181,6 +181,16 @@ class Stage3Config:
     #: are better than they will be on any new row. True fits stage 2 on the train split less
     #: the stage-3 sample (training.assembly.held_out); the `sellarec-mf` extension always does.
     held_out_mf: bool = False
+    #: Share of each stage-3 row's BCE target taken from the MF the soft tokens come from
+    #: (choice; 0: the row's label alone, as in the paper). At w > 0 the target is
+    #: (1 - w) * label + w * sigmoid(<u, v>), the MF's probability of the row as stage 3 starts
+    #: (knowledge distillation; the teacher is frozen). A label says little about one row's
+    #: probability; the MF's probability says more, so the same rows teach the LLM to read its
+    #: soft tokens with less noise. Only honest with `held_out_mf`: on the rows the MF was fit
+    #: to it has learnt their labels (BCE 0.336 there on ML-1M), so it would teach that
+    #: confidence. The recorded stage-3 loss is then against the mixed targets, so it does not
+    #: fall to the base-rate BCE's scale as a label-only loss does.
+    teacher_weight: float = 0.0
 
 
 @dataclass

@@ -99,6 +99,28 @@ def neutral_rows(n: int, rate: float, seed: int) -> torch.Tensor | None:
     return torch.as_tensor(np.random.default_rng([seed, 7]).random(n) < rate)
 
 
+def teacher_targets(
+    tables: SoftInputTables,
+    uids: torch.Tensor,
+    iids: torch.Tensor,
+    labels: torch.Tensor,
+    weight: float,
+    neutral: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[n] BCE targets of stage 3 (`stage3.teacher_weight`): (1 - weight) * label + weight *
+    the MF's probability of the row from the tables as they are now (frozen: computed once);
+    the labels themselves at weight 0."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"stage3.teacher_weight must be in [0, 1], not {weight}")
+    if weight == 0.0:
+        return labels
+    if tables.users is None or tables.items is None:
+        raise ValueError("stage3.teacher_weight needs the MF user and item tables (<User_ID> and <Item_ID>)")
+    with torch.no_grad():
+        teacher = torch.sigmoid(tables.mf_logits(uids, iids, neutral))
+    return (1.0 - weight) * labels + weight * teacher
+
+
 SOFT_TOKEN_SCALES = ("backbone", "free")
 WARM_STARTS = (None, "anchored", "balanced")
 SEMANTIC_INPUTS = (None, "centered")
@@ -236,6 +258,7 @@ def train_stage3(
     centered = cfg.semantic_inputs == "centered" and scorer.proj_w is not None and tables.semantic is not None
     if mf_residual and (tables.users is None or tables.items is None):
         raise ValueError("an MF residual needs the MF user and item tables (<User_ID> and <Item_ID>)")
+    targets = teacher_targets(tables, uids, iids, labels, cfg.teacher_weight, neutral)
     if centered:  # trained on centred inputs, folded back into a plain layer below
         scorer.proj_w.net = CenteredInputs.over(scorer.proj_w.net, tables.semantic)
     projections = [p for p in (scorer.proj_c, scorer.proj_w) if p is not None]
@@ -273,7 +296,7 @@ def train_stage3(
             [pieces[i][1] for i in local],
             uids[b],
             iids[b],
-            labels[b],
+            targets[b],
             shared,
             neutral=neutral[b] if neutral is not None else None,
             mf_residual=mf_residual,

@@ -27,6 +27,7 @@ PAPER_SETTINGS: dict[str, str] = {
     "stage3.max_grad_norm": "not stated",
     "stage3.average_from": "the last step's weights",
     "stage3.held_out_mf": "every train row",
+    "stage3.teacher_weight": "the labels alone (Eq. 11)",
 }
 
 
@@ -119,6 +120,9 @@ def _ours(cfg: dict, key: str) -> str:
         return "unclipped" if value is None else f"summed gradient clipped to L2 norm {value}"
     if name == "held_out_mf":
         return "stage 2 fits the train split less the stage-3 rows" if value else "every train row"
+    if name == "teacher_weight":
+        w = value or 0.0
+        return "the labels alone" if not w else f"{1 - w:g} x label + {w:g} x the MF's probability"
     if name == "average_from":
         return "the last step's weights" if value is None else f"mean over the steps after {value:.0%}"
     if name == "semantic_inputs":
