@@ -274,6 +274,8 @@ def test_the_budget_table_names_each_warm_start_and_the_clipping_bound():
     assert "| the labels alone |" in row({}, "stage3.teacher_weight")
     mixed = row({"teacher_weight": 0.25}, "stage3.teacher_weight")
     assert "0.75 x label + 0.25 x the MF's probability" in mixed
+    assert "| none |" in row({}, "stage3.logit_offset")
+    assert "started at the base rate" in row({"logit_offset": True}, "stage3.logit_offset")
 
 
 def bar_row(doc: str, metric: str) -> list[str]:

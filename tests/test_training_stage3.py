@@ -214,3 +214,49 @@ def test_teacher_targets_mix_the_label_with_the_frozen_mf_probability():
             teacher_targets(tables, uids, iids, labels, bad)
     with pytest.raises(ValueError, match="MF user and item tables"):
         teacher_targets(SoftInputTables(None, items, None), uids, iids, labels, 0.5)
+
+
+def test_calibrated_offset_puts_the_mean_prediction_at_the_rate():
+    import pytest
+
+    from sellarec.training.stage3 import calibrated_offset
+
+    logits = torch.tensor([-3.0, -2.5, 0.5, -4.0, 1.0])
+    for rate in (0.1, 0.55, 0.9):
+        b = calibrated_offset(logits, rate)
+        assert abs(float(torch.sigmoid(logits + b).mean()) - rate) < 1e-6
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match="base rate"):
+            calibrated_offset(logits, bad)
+
+
+def test_a_logit_offset_starts_stage3_at_the_base_rate_and_is_trained(tiny_backbone_dir):
+    import copy
+
+    from sellarec.training.config import Stage3Config
+    from sellarec.training.stage3 import calibrated_offset, split_logits, train_stage3
+
+    scorer, tables, frame = _setup(tiny_backbone_dir)
+    frame = pd.concat([frame] * 3, ignore_index=True)  # 12 rows: every one in the calibration sample
+    frame.loc[[1, 3], "label"] = 1  # base rate 8/12, not 0.5
+    enc = scorer.encoder
+    pieces = [split_before_first_slot(enc, p) for p in row_prompts(scorer.spec, frame)]
+    uids, iids = torch.tensor(frame["uid"].to_numpy()), torch.tensor(frame["iid"].to_numpy())
+    with torch.no_grad():
+        before = split_logits(
+            copy.deepcopy(scorer),
+            copy.deepcopy(tables),
+            [h for h, _ in pieces],
+            [t for _, t in pieces],
+            uids,
+            iids,
+        )
+    assert frame["label"].mean() == 8 / 12
+    want = calibrated_offset(before, 8 / 12)
+    cfg = Stage3Config(lr=1e-2, batch_size=4, logit_offset=True)
+    m = train_stage3(scorer, tables, frame, cfg, seed=0, progress=False)
+    assert abs(m["logit_offset"]["start"] - want) < 1e-3
+    assert m["logit_offset"]["end"] != m["logit_offset"]["start"]  # trained with the rest
+    assert "offset" in m["group_grad_norms"]
+    plain = train_stage3(*_setup(tiny_backbone_dir)[:2], frame, Stage3Config(lr=1e-2, batch_size=4), 0, False)
+    assert "logit_offset" not in plain

@@ -191,6 +191,15 @@ class Stage3Config:
     #: confidence. The recorded stage-3 loss is then against the mixed targets, so it does not
     #: fall to the base-rate BCE's scale as a label-only loss does.
     teacher_weight: float = 0.0
+    #: Whether stage 3 trains one free scalar added to every logit (choice; False: none, as
+    #: in the paper). It starts where the mean P(Yes) of a seeded 64-row sample equals the
+    #: train base rate and is trained with the rest. The LLM starts stage 3 miscalibrated (a
+    #: loss near 1.0 against the base rate's 0.69 on ML-1M), and without the scalar the first
+    #: steps move the soft tokens' projection to shift the mean prediction: its gradient norm
+    #: reached 1,676 in the first 10 steps of a seed that then failed (docs/results.md). A
+    #: constant added to every score changes no ranking (AUC, UAUC, /rerank), so the bundle and
+    #: the service leave it out; done.json records it.
+    logit_offset: bool = False
 
 
 @dataclass

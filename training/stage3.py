@@ -219,9 +219,29 @@ def split_loss(
     head: SharedHead | None = None,
     neutral: torch.Tensor | None = None,
     mf_residual: bool = False,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BCE on P(Yes) with the slot-free heads run once each under no_grad; `neutral` as in
-    SoftInputTables.vectors; `mf_residual` adds the rows' MF dot products to the logits."""
+    SoftInputTables.vectors; `mf_residual` adds the rows' MF dot products to the logits,
+    `offset` (`stage3.logit_offset`) one scalar to all of them."""
+    logits = split_logits(scorer, tables, heads, tails, uids, iids, head, neutral, mf_residual)
+    if offset is not None:
+        logits = logits + offset
+    return F.binary_cross_entropy_with_logits(logits, labels)  # Eq. 11
+
+
+def split_logits(
+    scorer: SellaRec,
+    tables: SoftInputTables,
+    heads: list[Encoded],
+    tails: list[Encoded],
+    uids: torch.Tensor,
+    iids: torch.Tensor,
+    head: SharedHead | None = None,
+    neutral: torch.Tensor | None = None,
+    mf_residual: bool = False,
+) -> torch.Tensor:
+    """[n] Yes/No logits of the rows, as `split_loss` trains them."""
     unique: dict[tuple[int, ...], int] = {}
     rows = torch.tensor([unique.setdefault(h.ids, len(unique)) for h in heads])
     distinct = [None] * len(unique)
@@ -232,7 +252,21 @@ def split_loss(
     logits = scorer.score_suffixes(state, rows, tails, tables.vectors(scorer, uids, iids, neutral))
     if mf_residual:
         logits = logits + tables.mf_logits(uids, iids, neutral)
-    return F.binary_cross_entropy_with_logits(logits, labels)  # Eq. 11
+    return logits
+
+
+def calibrated_offset(logits: torch.Tensor, rate: float) -> float:
+    """The scalar b with mean(sigmoid(logits + b)) = rate (bisection: the mean rises with b)."""
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"a base rate must be in (0, 1), not {rate}")
+    lo, hi = -50.0, 50.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if float(torch.sigmoid(logits.double() + mid).mean()) < rate:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
 
 
 def train_stage3(
@@ -277,6 +311,9 @@ def train_stage3(
             if m is not None
         ),
     ]
+    offset = torch.zeros((), requires_grad=True) if cfg.logit_offset else None
+    if offset is not None:
+        groups.append({"name": "offset", "params": [offset], "weight_decay": 0.0})
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
     params = [p for g in groups for p in g["params"]]
     for m in projections:
@@ -300,8 +337,36 @@ def train_stage3(
             shared,
             neutral=neutral[b] if neutral is not None else None,
             mf_residual=mf_residual,
+            offset=offset,
         )
         return loss * (len(local) / batch_size)
+
+    def first_logits(rows: int = 64) -> torch.Tensor:
+        """No-grad logits of a seeded sample of the rows as stage 3 starts (the same on every process)."""
+        pick = np.random.default_rng([seed, 11]).permutation(len(pieces))[:rows].tolist()
+        out = []
+        for at in range(0, len(pick), cfg.batch_size):
+            local = pick[at : at + cfg.batch_size]
+            b = torch.as_tensor(local)
+            out.append(
+                split_logits(
+                    scorer,
+                    tables,
+                    [pieces[i][0] for i in local],
+                    [pieces[i][1] for i in local],
+                    uids[b],
+                    iids[b],
+                    shared,
+                    neutral[b] if neutral is not None else None,
+                    mf_residual,
+                )
+            )
+        return torch.cat(out)
+
+    if offset is not None:  # start at the base rate: the first steps need not move the soft tokens for it
+        with torch.no_grad():
+            offset.fill_(calibrated_offset(first_logits(), float(labels.mean())))
+        start_offset = float(offset.detach())
 
     def steps() -> int:  # counted on a copy of the generator (order unchanged)
         count = copy.deepcopy(rng)
@@ -329,4 +394,7 @@ def train_stage3(
     for m in projections:
         m.eval().requires_grad_(False)
     run.log_summary(f"stage3 {list(scorer.spec.slots)}", len(train), cfg.epochs)
-    return run.metrics(len(train), labels)
+    metrics = run.metrics(len(train), labels)
+    if offset is not None:  # rank-neutral, so the bundle leaves it out (Stage3Config.logit_offset)
+        metrics["logit_offset"] = {"start": start_offset, "end": float(offset.detach())}
+    return metrics

@@ -28,6 +28,7 @@ PAPER_SETTINGS: dict[str, str] = {
     "stage3.average_from": "the last step's weights",
     "stage3.held_out_mf": "every train row",
     "stage3.teacher_weight": "the labels alone (Eq. 11)",
+    "stage3.logit_offset": "none",
 }
 
 
@@ -123,6 +124,8 @@ def _ours(cfg: dict, key: str) -> str:
     if name == "teacher_weight":
         w = value or 0.0
         return "the labels alone" if not w else f"{1 - w:g} x label + {w:g} x the MF's probability"
+    if name == "logit_offset":
+        return "a trained scalar on every logit, started at the base rate" if value else "none"
     if name == "average_from":
         return "the last step's weights" if value is None else f"mean over the steps after {value:.0%}"
     if name == "semantic_inputs":
