@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from scipy.optimize import brentq
+from scipy.special import expit
 from torch import nn
 
 from sellarec.model.backbone import load_backbone
@@ -256,17 +258,11 @@ def split_logits(
 
 
 def calibrated_offset(logits: torch.Tensor, rate: float) -> float:
-    """The scalar b with mean(sigmoid(logits + b)) = rate (bisection: the mean rises with b)."""
+    """The scalar b with mean(sigmoid(logits + b)) = rate (the mean rises with b: one root)."""
     if not 0.0 < rate < 1.0:
         raise ValueError(f"a base rate must be in (0, 1), not {rate}")
-    lo, hi = -50.0, 50.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if float(torch.sigmoid(logits.double() + mid).mean()) < rate:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+    z = logits.detach().double().numpy()
+    return float(brentq(lambda b: float(expit(z + b).mean()) - rate, -50.0, 50.0, xtol=1e-9))
 
 
 def train_stage3(
@@ -323,49 +319,36 @@ def train_stage3(
     # Rows sharing a head (same user and history) share its no-grad forward.
     heads, lengths = [h.ids for h, _ in pieces], [len(h) + len(t) for h, t in pieces]
 
+    def row_inputs(local: list[int]) -> tuple:
+        """split_loss/split_logits' per-row arguments (heads, tails, uids, iids) of rows `local`."""
+        b = torch.as_tensor(local)
+        return [pieces[i][0] for i in local], [pieces[i][1] for i in local], uids[b], iids[b]
+
+    def row_neutral(local: list[int]) -> torch.Tensor | None:
+        return neutral[torch.as_tensor(local)] if neutral is not None else None
+
     def batch_loss(local: list[int], batch_size: int) -> torch.Tensor:
         # Mean over this process's rows, rescaled to a share of the global batch mean.
-        b = torch.as_tensor(local)
         loss = split_loss(
             scorer,
             tables,
-            [pieces[i][0] for i in local],
-            [pieces[i][1] for i in local],
-            uids[b],
-            iids[b],
-            targets[b],
+            *row_inputs(local),
+            targets[torch.as_tensor(local)],
             shared,
-            neutral=neutral[b] if neutral is not None else None,
+            neutral=row_neutral(local),
             mf_residual=mf_residual,
             offset=offset,
         )
         return loss * (len(local) / batch_size)
 
-    def first_logits(rows: int = 64) -> torch.Tensor:
-        """No-grad logits of a seeded sample of the rows as stage 3 starts (the same on every process)."""
-        pick = np.random.default_rng([seed, 11]).permutation(len(pieces))[:rows].tolist()
-        out = []
-        for at in range(0, len(pick), cfg.batch_size):
-            local = pick[at : at + cfg.batch_size]
-            b = torch.as_tensor(local)
-            out.append(
-                split_logits(
-                    scorer,
-                    tables,
-                    [pieces[i][0] for i in local],
-                    [pieces[i][1] for i in local],
-                    uids[b],
-                    iids[b],
-                    shared,
-                    neutral[b] if neutral is not None else None,
-                    mf_residual,
-                )
-            )
-        return torch.cat(out)
-
     if offset is not None:  # start at the base rate: the first steps need not move the soft tokens for it
+        # A seeded sample of 64 rows, the same on every process.
+        sample = np.random.default_rng([seed, 11]).permutation(len(pieces))[:64].tolist()
         with torch.no_grad():
-            offset.fill_(calibrated_offset(first_logits(), float(labels.mean())))
+            logits = split_logits(
+                scorer, tables, *row_inputs(sample), shared, row_neutral(sample), mf_residual
+            )
+            offset.fill_(calibrated_offset(logits, float(labels.mean())))
         start_offset = float(offset.detach())
 
     def steps() -> int:  # counted on a copy of the generator (order unchanged)
