@@ -1,4 +1,5 @@
-"""PEFT LoRA on the backbone: attach for stage 1, load frozen for stages 2-3 and serving."""
+"""PEFT LoRA on the backbone: attach for stage 1, load frozen for stages 2-3 and serving (or
+trainable for stage 3 with `stage3.lora_lr`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
 from transformers import PreTrainedModel
 
 
@@ -44,10 +46,18 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     return get_peft_model(model, config)
 
 
-def load_lora(model: PreTrainedModel, adapter_dir: str | Path) -> PeftModel:
-    """Load a saved adapter (PEFT's safetensors layout), frozen and in eval mode."""
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    return freeze(peft_model)
+def load_lora(model: PreTrainedModel, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:
+    """Load a saved adapter (PEFT's safetensors layout) in eval mode (no LoRA dropout), frozen;
+    `trainable` leaves the adapter's own weights (never the backbone's) receiving gradients."""
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    if not trainable:
+        return freeze(peft_model)
+    return peft_model.eval()
+
+
+def adapter_parameters(model: PeftModel) -> list[nn.Parameter]:
+    """The LoRA weights of `model` that receive gradients."""
+    return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
 
 
 def freeze(model: PeftModel | PreTrainedModel) -> PeftModel | PreTrainedModel:

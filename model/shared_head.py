@@ -59,9 +59,13 @@ class SharedHead:
         self.length = common_head_length(prefixes)
         self.ids: tuple[int, ...] = prefixes[0].ids[: self.length] if self.length else ()
         self.state: PrefixState | None = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute the keys/values with the scorer's current weights (a LoRA being trained)."""
         if self.length > 0:
             with torch.no_grad():
-                self.state = scorer.run_prefixes([Encoded(self.ids)])
+                self.state = self.scorer.run_prefixes([Encoded(self.ids)])
 
     @classmethod
     def for_template(cls, scorer: SellaRec) -> SharedHead:

@@ -241,3 +241,22 @@ def test_results_record_the_cpu_kernels_and_the_report_names_them(run_dir, tmp_p
     line = machine_line({"collm": result})
     assert f"{torch.backends.cpu.get_cpu_capability()} kernels" in line and "predate" not in line
     assert "predate" in machine_line({"collm": {k: v for k, v in result.items() if k != "machine"}})
+
+
+def test_a_stage3_lora_rate_ships_the_adapter_stage3_trained(tiny_cfg, tiny_data, tmp_path):
+    from safetensors.torch import load_file
+
+    from sellarec.model.artifacts import ADAPTER_WEIGHTS
+
+    stage3 = dataclasses.replace(tiny_cfg.stage3, lora_lr=1e-2)
+    result = run_variant(
+        dataclasses.replace(tiny_cfg, stage3=stage3), "collm", tmp_path, data=tiny_data, progress=False
+    )
+    bundle = load_bundle(result["bundle"])  # checksums verified
+    shipped = load_file(bundle.path / ADAPTER_WEIGHTS)
+    stage1 = load_file(next((tmp_path / "stages").glob("stage1-*")) / ADAPTER_WEIGHTS)
+    assert shipped.keys() == stage1.keys()
+    assert any(not torch.equal(shipped[k], stage1[k]) for k in shipped)
+    assert np.isfinite(result["valid"]["auc"])
+    # The served model is the stage-3 adapter's: it loads and scores like the evaluation did.
+    assert load_scorer(bundle).scorer is not None

@@ -300,3 +300,40 @@ def test_the_bar_fails_when_sellarec_falls_below_mf_and_collm_on_the_mean(tmp_pa
         cells = bar_row(doc, metric)
         assert cells[-2] == f"fails: {LABELS['sellarec']} <= {LABELS['collm']}"
         assert cells[-1].startswith("fails (-")
+
+
+def test_user_levels_split_a_score_into_its_between_and_within_user_parts():
+    from sellarec.training.report.levels import label_ceiling, user_levels
+
+    rng = np.random.default_rng(0)
+    uid = np.repeat(np.arange(40), 20)
+    taste = rng.normal(size=40)[uid]  # how much each user likes what they are shown
+    pick = rng.normal(size=len(uid))  # which of their rows they like
+    label = (taste + pick + rng.normal(scale=0.5, size=len(uid)) > 0).astype(int)
+    users_only = user_levels(uid, label, taste)
+    assert users_only["within"] == 0.5  # a per-user constant orders no user's own rows
+    assert users_only["between"] == users_only["auc"] > 0.6
+    rows_only = user_levels(uid, label, pick - pd_mean(uid, pick))
+    assert rows_only["between"] == 0.5 and rows_only["within"] == rows_only["auc"] > 0.6
+    both = user_levels(uid, label, taste + pick)
+    assert both["auc"] > max(users_only["auc"], rows_only["auc"])
+    assert label_ceiling(uid, label) > users_only["between"] - 0.05
+
+
+def pd_mean(uid: np.ndarray, x: np.ndarray) -> np.ndarray:
+    sums, counts = np.bincount(uid, weights=x), np.bincount(uid)
+    return (sums / counts)[uid]
+
+
+def test_the_gap_to_mf_is_split_between_and_within_users_over_the_seeds(doc):
+    section = doc.split("## Where the gap to MF lies")[1].split("\n## ")[0]
+    assert row(section, f"| {LABELS['mf']} | 3 |")
+    sella = row(section, f"| {LABELS['sellarec']} | 3 |")
+    # The fake scores follow the label within every user (each user holds both labels), so the
+    # strong variant's within-user part is far above MF's.
+    within = [
+        float(c.split("±")[0])
+        for c in (sella.split("|")[5], row(section, f"| {LABELS['mf']} |").split("|")[5])
+    ]
+    assert within[0] > within[1] + 0.2
+    assert f"- {LABELS['sellarec']} minus {LABELS['mf']}: between users" in section

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import factories
 import pandas as pd
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -260,3 +261,95 @@ def test_a_logit_offset_starts_stage3_at_the_base_rate_and_is_trained(tiny_backb
     assert "offset" in m["group_grad_norms"]
     plain = train_stage3(*_setup(tiny_backbone_dir)[:2], frame, Stage3Config(lr=1e-2, batch_size=4), 0, False)
     assert "logit_offset" not in plain
+
+
+def _saved_adapter(tiny_backbone_dir, path):
+    """A stage-1-like adapter whose B matrices are not zero, so that it changes the scores."""
+    from sellarec.model.lora import LoraSettings, attach_lora
+
+    torch.manual_seed(0)
+    model, _, _ = load_backbone(str(tiny_backbone_dir))
+    lora = attach_lora(model, LoraSettings())
+    for name, param in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    lora.save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+def _lora_scorer(tiny_backbone_dir, adapter, train_lora):
+    from sellarec.training.stage3 import build_scorer
+
+    scorer = build_scorer(str(tiny_backbone_dir), adapter, TemplateSpec(), 8, None, 0, train_lora=train_lora)
+    torch.manual_seed(1)
+    tables = SoftInputTables(torch.randn(5, 8), torch.randn(10, 8), torch.randn(10, scorer.llm_dim))
+    return scorer, tables
+
+
+def test_a_lora_rate_trains_the_stage1_adapter_in_stage3_and_nothing_else_of_the_llm(
+    tiny_backbone_dir, tmp_path
+):
+    from sellarec.model.lora import load_lora
+    from sellarec.model.shared_head import SharedHead
+    from sellarec.training.config import Stage3Config
+    from sellarec.training.stage3 import split_logits, train_stage3
+
+    adapter = _saved_adapter(tiny_backbone_dir, tmp_path / "adapter")
+    frame = _setup(tiny_backbone_dir)[2]
+    scorer, tables = _lora_scorer(tiny_backbone_dir, adapter, train_lora=True)
+    loaded = dict(load_lora(load_backbone(str(tiny_backbone_dir))[0], adapter).named_parameters())
+    m = train_stage3(scorer, tables, frame, Stage3Config(lr=1e-2, batch_size=2, lora_lr=1e-2), 0, False)
+    norms = m["group_grad_norms"]
+    assert len(norms["lora"]) == len(norms["proj_c"]) and min(norms["lora"]) > 0
+    lora_moved = 0
+    for name, param in scorer.backbone.named_parameters():
+        assert not param.requires_grad  # frozen again once stage 3 ends
+        if "lora_" in name:
+            lora_moved += not torch.equal(param, loaded[name])
+        else:
+            assert torch.equal(param, loaded[name]), name  # the backbone itself never moves
+    assert lora_moved > 0
+    # The unmerged, trained adapter runs the split path with the numbers of the plain one.
+    uids, iids = torch.tensor(frame["uid"].to_numpy()), torch.tensor(frame["iid"].to_numpy())
+    prompts = row_prompts(scorer.spec, frame)
+    pieces = [split_before_first_slot(scorer.encoder, p) for p in prompts]
+    with torch.no_grad():
+        plain = scorer.score([scorer.encoder.prompt(p) for p in prompts], tables.vectors(scorer, uids, iids))
+        head = SharedHead(scorer, [h for h, _ in pieces])
+        split = split_logits(scorer, tables, [h for h, _ in pieces], [t for _, t in pieces], uids, iids, head)
+    assert torch.allclose(plain, split, atol=1e-4)
+    # Without the rate the adapter is merged and frozen, and a rate needs an unmerged one.
+    merged, tables = _lora_scorer(tiny_backbone_dir, adapter, train_lora=False)
+    frozen = train_stage3(merged, tables, frame, Stage3Config(lr=1e-2, batch_size=2), 0, False)
+    assert "lora" not in frozen["group_grad_norms"]
+    with pytest.raises(ValueError, match="lora_lr"):
+        train_stage3(merged, tables, frame, Stage3Config(lr=1e-2, batch_size=2, lora_lr=1e-2), 0, False)
+
+
+def test_a_shared_head_refreshed_after_the_adapter_moved_holds_the_new_keys_and_values(
+    tiny_backbone_dir, tmp_path
+):
+    from sellarec.model.shared_head import SharedHead
+
+    adapter = _saved_adapter(tiny_backbone_dir, tmp_path / "adapter")
+    scorer, _ = _lora_scorer(tiny_backbone_dir, adapter, train_lora=True)
+    pieces = [
+        split_before_first_slot(scorer.encoder, p)
+        for p in row_prompts(scorer.spec, _setup(tiny_backbone_dir)[2])
+    ]
+    head = SharedHead(scorer, [h for h, _ in pieces])
+    before = [v.clone() for v in _state_tensors(head.state)]
+    with torch.no_grad():
+        for name, param in scorer.backbone.named_parameters():
+            if "lora_B" in name:
+                param.add_(1.0)
+    stale = _state_tensors(head.state)
+    assert all(torch.equal(a, b) for a, b in zip(before, stale, strict=True))
+    head.refresh()
+    fresh = _state_tensors(SharedHead(scorer, [h for h, _ in pieces]).state)
+    assert all(torch.equal(a, b) for a, b in zip(_state_tensors(head.state), fresh, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(before, fresh, strict=True))
+
+
+def _state_tensors(state):
+    return [t for k, v in state.layers for t in (k, v)]

@@ -123,12 +123,16 @@ def stage3_bundle(
         cfg.stage3.warm_start,
         torch.cat([collab[MF_USERS], collab[MF_ITEMS]]) if MF_USERS in collab else None,
         cfg.stage3.soft_token_gain,
+        train_lora=cfg.stage3.lora_lr is not None,
     )
     tables = soft_input_tables(scorer, collab, semantic, data.trained_users())
     rows = sample(data.train, cfg.stage3.budget, cfg.seed + STAGE3_SEED_OFFSET)
     residual = variant.mf_residual
     metrics = train_stage3(scorer, tables, rows, cfg.stage3, cfg.seed, progress, mf_residual=residual)
     tensors = trained_tensors(data, scorer, tables)
+    if cfg.stage3.lora_lr is not None:  # the bundle carries the adapter as stage 3 left it
+        adapter = d / "adapter-stage3"
+        scorer.backbone.save_pretrained(str(adapter), safe_serialization=True)
     collab_dim = cfg.stage2.collab_dim
     write_variant(d, cfg, data, variant, tensors, spec=spec, adapter=adapter, collab_dim=collab_dim)
     return metrics

@@ -200,6 +200,13 @@ class Stage3Config:
     #: constant added to every score changes no ranking (AUC, UAUC, /rerank), so the bundle and
     #: the service leave it out; done.json records it.
     logit_offset: bool = False
+    #: AdamW learning rate of the stage-1 LoRA in stage 3 (choice; None: the LoRA stays frozen,
+    #: as the paper's Table 1 has it). When set, the adapter loaded from stage 1 keeps training
+    #: beside the tables and projections, so the LLM learns to read its soft tokens instead of
+    #: only the soft tokens learning to be read; the bundle then carries that adapter. The prompt
+    #: text before the first slot still runs under no_grad (with the current adapter, refreshed
+    #: every step): the LoRA learns through the slots-to-answer part of each prompt.
+    lora_lr: float | None = None
 
 
 @dataclass

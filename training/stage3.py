@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from scipy.optimize import brentq
 from scipy.special import expit
 from torch import nn
@@ -28,7 +29,7 @@ from sellarec.model.collab import (
     vocabulary_norm,
 )
 from sellarec.model.encoding import Encoded
-from sellarec.model.lora import load_lora, merge
+from sellarec.model.lora import adapter_parameters, load_lora, merge
 from sellarec.model.prompts import Slot, TemplateSpec
 from sellarec.model.sella import SellaRec
 from sellarec.model.shared_head import SharedHead
@@ -175,6 +176,7 @@ def build_scorer(
     warm_start: str | None = None,
     collab_inputs: torch.Tensor | None = None,
     soft_token_gain: float = 1.0,
+    train_lora: bool = False,
 ) -> SellaRec:
     """Frozen backbone with the stage-1 LoRA merged; projections fresh or warm-started.
 
@@ -184,6 +186,7 @@ def build_scorer(
     `warm_start` "anchored" re-bases the warm start on a fresh projection's geometry over the
     MF rows `collab_inputs` (model.collab.anchored_warm_start), "balanced" also on its step
     sizes (model.collab.balanced_warm_start); None loads it as it is.
+    `train_lora` keeps the adapter unmerged with its weights trainable (`stage3.lora_lr`).
     """
     if soft_token_scale not in SOFT_TOKEN_SCALES:
         raise ValueError(f"stage3.soft_token_scale: one of {SOFT_TOKEN_SCALES}, not {soft_token_scale!r}")
@@ -192,8 +195,10 @@ def build_scorer(
     if warm_start not in WARM_STARTS:
         raise ValueError(f"stage3.warm_start: one of {WARM_STARTS}, not {warm_start!r}")
     model, tokenizer, info = load_backbone(backbone)
+    if train_lora and adapter is None:
+        raise ValueError("stage3.lora_lr needs the stage-1 adapter to train")
     if adapter is not None:
-        model = merge(load_lora(model, adapter))
+        model = load_lora(model, adapter, trainable=True) if train_lora else merge(load_lora(model, adapter))
     pinned = soft_token_scale == "backbone"
     norm = vocabulary_norm(model.get_input_embeddings().weight) * soft_token_gain if pinned else 0.0
     torch.manual_seed(seed)
@@ -307,6 +312,12 @@ def train_stage3(
             if m is not None
         ),
     ]
+    lora = []
+    if cfg.lora_lr is not None:
+        if not isinstance(scorer.backbone, PeftModel) or not cfg.lora_lr >= 0:
+            raise ValueError("stage3.lora_lr needs a scorer built with train_lora and a rate >= 0")
+        lora = adapter_parameters(scorer.backbone)
+        groups.append({"name": "lora", "params": lora, "weight_decay": 0.0, "lr": cfg.lora_lr})
     offset = torch.zeros((), requires_grad=True) if cfg.logit_offset else None
     if offset is not None:
         groups.append({"name": "offset", "params": [offset], "weight_decay": 0.0})
@@ -328,6 +339,8 @@ def train_stage3(
         return neutral[torch.as_tensor(local)] if neutral is not None else None
 
     def batch_loss(local: list[int], batch_size: int) -> torch.Tensor:
+        if lora:  # the instruction's keys/values under the adapter as the last step left it
+            shared.refresh()
         # Mean over this process's rows, rescaled to a share of the global batch mean.
         loss = split_loss(
             scorer,
@@ -376,6 +389,8 @@ def train_stage3(
         scorer.proj_w.net = scorer.proj_w.net.folded()
     for m in projections:
         m.eval().requires_grad_(False)
+    for p in lora:
+        p.requires_grad_(False)
     run.log_summary(f"stage3 {list(scorer.spec.slots)}", len(train), cfg.epochs)
     metrics = run.metrics(len(train), labels)
     if offset is not None:  # rank-neutral, so the bundle leaves it out (Stage3Config.logit_offset)

@@ -1,5 +1,6 @@
 """docs/results.md from a run directory: the validation table beside the paper's Table 3,
 the paired bootstrap of SeLLa-Rec minus CoLLM (resampling users), training noise over seeds,
+the gap to MF split between and within users,
 the training-loss curves, and the Fig. 7 plot of cos(Proj C->L(e_i^C), e_i^L).
 
 Every section is a function of one `Report` (the base run, its results, the other run
@@ -13,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sellarec.training.report.context import LABELS, Report, load_results, setting_of
+from sellarec.training.report.levels import levels_section
 from sellarec.training.report.losses import loss_section
 from sellarec.training.report.overview import header_section, machine_line, setup_section
 from sellarec.training.report.paths import PathStyle
@@ -55,6 +57,7 @@ SECTIONS = (
     extension_section,
     seeds_section,
     ordering_section,
+    levels_section,
     loss_section,
     alignment_section,
     sweep_section,

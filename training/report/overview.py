@@ -29,6 +29,7 @@ PAPER_SETTINGS: dict[str, str] = {
     "stage3.held_out_mf": "every train row",
     "stage3.teacher_weight": "the labels alone (Eq. 11)",
     "stage3.logit_offset": "none",
+    "stage3.lora_lr": "the stage-1 LoRA frozen (Table 1)",
 }
 
 
@@ -126,6 +127,8 @@ def _ours(cfg: dict, key: str) -> str:
         return "the labels alone" if not w else f"{1 - w:g} x label + {w:g} x the MF's probability"
     if name == "logit_offset":
         return "a trained scalar on every logit, started at the base rate" if value else "none"
+    if name == "lora_lr":
+        return "the stage-1 LoRA frozen" if value is None else f"the stage-1 LoRA trained on, lr {value:g}"
     if name == "average_from":
         return "the last step's weights" if value is None else f"mean over the steps after {value:.0%}"
     if name == "semantic_inputs":
