@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from peft import PeftModel
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
@@ -65,7 +66,7 @@ def write_variant(
     variant: Variant,
     tensors: dict[str, torch.Tensor],
     spec: TemplateSpec | None = None,
-    adapter: Path | None = None,
+    adapter: Path | PeftModel | None = None,
     collab_dim: int | None = None,
 ) -> dict:
     """`variant`'s bundle under d/bundle; the LLM fields only when it has a template."""
@@ -130,11 +131,10 @@ def stage3_bundle(
     residual = variant.mf_residual
     metrics = train_stage3(scorer, tables, rows, cfg.stage3, cfg.seed, progress, mf_residual=residual)
     tensors = trained_tensors(data, scorer, tables)
-    if cfg.stage3.lora_lr is not None:  # the bundle carries the adapter as stage 3 left it
-        adapter = d / "adapter-stage3"
-        scorer.backbone.save_pretrained(str(adapter), safe_serialization=True)
+    # With `stage3.lora_lr` the bundle carries the adapter as stage 3 left it, saved from the model.
+    shipped = scorer.backbone if cfg.stage3.lora_lr is not None else adapter
     collab_dim = cfg.stage2.collab_dim
-    write_variant(d, cfg, data, variant, tensors, spec=spec, adapter=adapter, collab_dim=collab_dim)
+    write_variant(d, cfg, data, variant, tensors, spec=spec, adapter=shipped, collab_dim=collab_dim)
     return metrics
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peft import PeftModel
 
 from sellarec.model.artifacts import Catalog, Manifest, TemplateRecord, backbone_record, save_bundle
 from sellarec.model.backbone import BackboneInfo
@@ -84,12 +85,13 @@ def write_bundle(
     info: BackboneInfo | None = None,
     spec: TemplateSpec | None = None,
     tokenizer=None,
-    adapter: Path | None = None,
+    adapter: Path | PeftModel | None = None,
     collab_dim: int | None = None,
     extra: dict | None = None,
     mf_residual: bool = False,
 ) -> Path:
-    """Save one variant's bundle (LLM fields only when `info` and `spec` are given)."""
+    """Save one variant's bundle (LLM fields only when `info` and `spec` are given); `adapter` is
+    a saved adapter directory (copied) or a PeftModel (saved as it is, e.g. trained on in stage 3)."""
     answer = None
     if spec is not None and tokenizer is not None:
         yes, no = answer_token_ids(tokenizer, spec.answer_cue)
@@ -114,5 +116,5 @@ def write_bundle(
         manifest,
         {k: v.detach().float() for k, v in tensors.items()},
         catalog(data, history_length),
-        adapter=AdapterCopy(adapter) if adapter else None,
+        adapter=AdapterCopy(adapter) if isinstance(adapter, (str, Path)) else adapter,
     )

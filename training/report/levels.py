@@ -72,11 +72,11 @@ def levels_section(r: Report) -> list[str]:
         "| variant | seeds | AUC | between users | within users |",
         "|---|---|---|---|---|",
     ]
+    spread = {n: {k: mean_std([v[k] for v in runs]) for k in runs[0]} for n, runs in per_name.items()}
     for name in names:
-        runs = per_name[name]
-        cells = [plus_minus(*mean_std([v[k] for v in runs])) for k in ("auc", "between", "within")]
-        lines.append(f"| {LABELS[name]} | {len(runs)} | " + " | ".join(cells) + " |")
-    mean = {n: {k: mean_std([v[k] for v in per_name[n]])[0] for k in ("between", "within")} for n in names}
+        cells = [plus_minus(*spread[name][k]) for k in ("auc", "between", "within")]
+        lines.append(f"| {LABELS[name]} | {len(per_name[name])} | " + " | ".join(cells) + " |")
+    mean = {n: {k: m for k, (m, _) in by_key.items()} for n, by_key in spread.items()}
     lines += [
         "",
         f"On these rows each user's own label mean, used as the score, gives "
