@@ -207,6 +207,24 @@ class Stage3Config:
     #: text before the first slot still runs under no_grad (with the current adapter, refreshed
     #: every step): the LoRA learns through the slots-to-answer part of each prompt.
     lora_lr: float | None = None
+    #: Whether Proj C->L starts stage 3 with the MF's user and item levels in the LLM's logit
+    #: (choice; False: it starts as stage 2 or a fresh initialisation left it, as in the paper).
+    #: The MF logit <u, v> is a user level <u, v0>, an item level <u0, v> and their interaction
+    #: (u0, v0: the stage-3 rows' mean user and item); the two levels are linear in one vector
+    #: each, so a rank-two update of the projection's last layer, along the directions that move
+    #: the LLM's logit through one slot and not the other, puts them in the logit from the first
+    #: step, rescaled until the measured change follows them with slope 1
+    #: (training.level_start). Stage 3 then trains everything as before. The between-user level
+    #: is where the LLM rows lose to MF on ML-1M (docs/results.md, "Where the gap to MF lies").
+    level_init: bool = False
+    #: With `level_init`: the largest multiple of the first-order update the rescaling may
+    #: reach (1: the first-order step itself; on ML-1M seed 0 an uncapped rescaling reached
+    #: 20x, where the LLM's logit no longer follows, and stage 3 ended lower, docs/results.md).
+    level_max_scale: float = 1.0
+    #: With `level_init`: whether each level is fit to read zero from the other table (the
+    #: projection is shared by `<User_ID>` and `<Item_ID>`), else the directions alone keep the
+    #: two slots apart.
+    level_exclusive: bool = True
 
 
 @dataclass

@@ -10,6 +10,7 @@ path (tested), a fraction of the backward.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -36,6 +37,7 @@ from sellarec.model.shared_head import SharedHead
 from sellarec.training.batches import grouped_batches, row_prompts, split_before_first_slot
 from sellarec.training.bundles import masked_mean
 from sellarec.training.config import Stage3Config
+from sellarec.training.level_start import CHECK_ROWS, FIT_ROWS, level_start
 from sellarec.training.loop import TailAverage, lr_scheduler, run_epochs
 
 
@@ -247,8 +249,10 @@ def split_logits(
     head: SharedHead | None = None,
     neutral: torch.Tensor | None = None,
     mf_residual: bool = False,
+    vectors: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[n] Yes/No logits of the rows, as `split_loss` trains them."""
+    """[n] Yes/No logits of the rows, as `split_loss` trains them; `vectors` [n, 3, d_L]: these
+    soft tokens instead of the tables' (for gradients with respect to the tokens themselves)."""
     unique: dict[tuple[int, ...], int] = {}
     rows = torch.tensor([unique.setdefault(h.ids, len(unique)) for h in heads])
     distinct = [None] * len(unique)
@@ -256,7 +260,9 @@ def split_logits(
         distinct[unique[h.ids]] = h
     with torch.no_grad():
         state = head.run(distinct) if head is not None else scorer.run_prefixes(distinct)
-    logits = scorer.score_suffixes(state, rows, tails, tables.vectors(scorer, uids, iids, neutral))
+    if vectors is None:
+        vectors = tables.vectors(scorer, uids, iids, neutral)
+    logits = scorer.score_suffixes(state, rows, tails, vectors)
     if mf_residual:
         logits = logits + tables.mf_logits(uids, iids, neutral)
     return logits
@@ -268,6 +274,62 @@ def calibrated_offset(logits: torch.Tensor, rate: float) -> float:
         raise ValueError(f"a base rate must be in (0, 1), not {rate}")
     z = logits.detach().double().numpy()
     return float(brentq(lambda b: float(expit(z + b).mean()) - rate, -50.0, 50.0, xtol=1e-9))
+
+
+def start_at_mf_levels(
+    scorer: SellaRec,
+    tables: SoftInputTables,
+    shared: SharedHead,
+    row_inputs: Callable[[list[int]], tuple],
+    row_neutral: Callable[[list[int]], torch.Tensor | None],
+    n_rows: int,
+    seed: int,
+    max_scale: float = 1.0,
+    exclusive: bool = True,
+) -> dict | None:
+    """`stage3.level_init`: Proj C->L starts with the MF's user and item levels in the LLM's
+    logit (training.level_start), measured on a seeded sample of the rows; None where the
+    prompt has neither `<User_ID>` nor `<Item_ID>`."""
+    slots = [k for k, s in enumerate((Slot.USER, Slot.ITEM)) if s in scorer.spec.slots]
+    if scorer.proj_c is None or tables.users is None or not slots:
+        return None
+    order = np.random.default_rng([seed, 13]).permutation(n_rows).tolist()
+    n_check = min(CHECK_ROWS, n_rows // 3)  # a small stage 3 (tests, the demo) splits what it has
+    n_fit = min(FIT_ROWS, n_rows - n_check)
+    fit_rows, check_rows = order[:n_fit], order[n_fit : n_fit + n_check]
+
+    def logits(local: list[int]) -> torch.Tensor:
+        return split_logits(scorer, tables, *row_inputs(local), shared, row_neutral(local))
+
+    def gradients(local: list[int]) -> torch.Tensor:
+        out = []
+        for s in range(0, len(local), 32):  # each row's logit depends on its own soft tokens only
+            chunk = local[s : s + 32]
+            heads, tails, uids, iids = row_inputs(chunk)
+            with torch.enable_grad():
+                vectors = tables.vectors(scorer, uids, iids, row_neutral(chunk)).detach().requires_grad_(True)
+                split_logits(
+                    scorer, tables, heads, tails, uids, iids, shared, vectors=vectors
+                ).sum().backward()
+            out.append(vectors.grad)
+        return torch.cat(out)
+
+    _, _, all_uids, all_iids = row_inputs(list(range(n_rows)))
+    users, items = tables.users.detach(), tables.items.detach()
+    return level_start(
+        scorer.proj_c,
+        users,
+        items,
+        all_uids,
+        all_iids,
+        slots,
+        fit_rows,
+        check_rows,
+        logits,
+        gradients,
+        max_scale=max_scale,
+        exclusive=exclusive,
+    )
 
 
 def train_stage3(
@@ -326,6 +388,7 @@ def train_stage3(
     for m in projections:
         m.train().requires_grad_(True)
     shared = SharedHead(scorer, [h for h, _ in pieces])  # the instruction's keys/values, once
+    level = None
     rng = np.random.default_rng(seed)
     # Rows sharing a head (same user and history) share its no-grad forward.
     heads, lengths = [h.ids for h, _ in pieces], [len(h) + len(t) for h, t in pieces]
@@ -354,6 +417,18 @@ def train_stage3(
         )
         return loss * (len(local) / batch_size)
 
+    if cfg.level_init and not mf_residual:  # the residual has the levels already
+        level = start_at_mf_levels(
+            scorer,
+            tables,
+            shared,
+            row_inputs,
+            row_neutral,
+            len(pieces),
+            seed,
+            cfg.level_max_scale,
+            cfg.level_exclusive,
+        )
     if offset is not None:  # start at the base rate: the first steps need not move the soft tokens for it
         # A seeded sample of 64 rows, the same on every process.
         sample = np.random.default_rng([seed, 11]).permutation(len(pieces))[:64].tolist()
@@ -393,6 +468,8 @@ def train_stage3(
         p.requires_grad_(False)
     run.log_summary(f"stage3 {list(scorer.spec.slots)}", len(train), cfg.epochs)
     metrics = run.metrics(len(train), labels)
+    if level is not None:
+        metrics["level_start"] = level
     if offset is not None:  # rank-neutral, so the bundle leaves it out (Stage3Config.logit_offset)
         metrics["logit_offset"] = {"start": start_offset, "end": float(offset.detach())}
     return metrics

@@ -30,6 +30,7 @@ PAPER_SETTINGS: dict[str, str] = {
     "stage3.teacher_weight": "the labels alone (Eq. 11)",
     "stage3.logit_offset": "none",
     "stage3.lora_lr": "the stage-1 LoRA frozen (Table 1)",
+    "stage3.level_init": "Proj C->L as stage 2 or a fresh initialisation left it",
 }
 
 
@@ -129,6 +130,12 @@ def _ours(cfg: dict, key: str) -> str:
         return "a trained scalar on every logit, started at the base rate" if value else "none"
     if name == "lora_lr":
         return "the stage-1 LoRA frozen" if value is None else f"the stage-1 LoRA trained on, lr {value:g}"
+    if name == "level_init":
+        return (
+            "Proj C->L started with the MF's user and item levels (training.level_start)"
+            if value
+            else "Proj C->L as stage 2 or a fresh initialisation left it"
+        )
     if name == "average_from":
         return "the last step's weights" if value is None else f"mean over the steps after {value:.0%}"
     if name == "semantic_inputs":
