@@ -8,6 +8,7 @@ import factories
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from test_training_stage3 import _setup
 
 from sellarec.model.collab import CollabProjector
@@ -122,3 +123,70 @@ def test_a_level_start_the_logit_does_not_follow_leaves_the_projection_as_it_was
     assert not m["kept"]
     for k, v in proj.state_dict().items():
         assert torch.equal(v, start[k])
+
+
+def _linear_llm(proj, users, items, uids, iids, a, b):
+    """An 'LLM' whose logit is linear in the two soft tokens: <a, user token> + <b, item token>."""
+
+    def logits(rows):
+        r = torch.as_tensor(rows)
+        return proj(users[uids[r]]) @ a + proj(items[iids[r]]) @ b
+
+    def gradients(rows):
+        g = torch.zeros(len(rows), 3, len(a))
+        g[:, 0], g[:, 1] = a, b
+        return g
+
+    return logits, gradients
+
+
+def test_through_a_linear_llm_the_first_order_start_adds_exactly_the_fitted_levels():
+    torch.manual_seed(0)
+    proj = CollabProjector(4, 16, hidden=64)
+    users, items = torch.randn(30, 4), torch.randn(40, 4)
+    uids, iids = torch.randint(0, 30, (300,)), torch.randint(0, 40, (300,))
+    logits, gradients = _linear_llm(proj, users, items, uids, iids, torch.randn(16), torch.randn(16))
+    rows = list(range(300))
+    proj.requires_grad_(False)
+    before = logits(rows)
+    m = level_start(
+        proj, users, items, uids, iids, [0, 1], rows[:100], rows[100:], logits, gradients, exclusive=False
+    )
+    assert m["rounds"][0]["scale"] == 1.0 and abs(m["rounds"][0]["slope"] - 1) < 0.05
+    user_level, item_level = mf_levels(users, items, uids, iids)
+    wanted = user_level[uids] + item_level[iids]
+    assert float(torch.corrcoef(torch.stack([logits(rows) - before, wanted]))[0, 1]) > 0.98
+
+
+def test_a_level_finish_keeps_the_multiple_whose_bce_on_the_rows_is_lowest():
+    from sellarec.training.level_start import level_finish
+
+    torch.manual_seed(0)
+    proj = CollabProjector(4, 16, hidden=64)
+    users, items = torch.randn(30, 4), torch.randn(40, 4)
+    n = 4000
+    uids, iids = torch.randint(0, 30, (n,)), torch.randint(0, 40, (n,))
+    logits, gradients = _linear_llm(proj, users, items, uids, iids, torch.randn(16), torch.randn(16))
+    rows = list(range(n))
+    user_level, item_level = mf_levels(users, items, uids, iids)
+    with torch.no_grad():  # labels drawn as if the logit carried twice the levels
+        truth = logits(rows) + 2 * (user_level[uids] + item_level[iids])
+    labels = torch.bernoulli(torch.sigmoid(truth), generator=torch.Generator().manual_seed(1))
+    m = level_finish(
+        proj, users, items, uids, iids, labels, [0, 1], rows[:200], rows[200:], logits, gradients, False
+    )
+    assert m["scale"] == 2.0
+    assert m["losses"]["2.0"] == min(m["losses"].values()) < m["losses"]["0.0"]
+    with torch.no_grad():
+        shipped = F.binary_cross_entropy_with_logits(logits(rows[200:]), labels[200:])
+    assert abs(float(shipped) - m["losses"]["2.0"]) < 1e-5  # the projection keeps the chosen multiple
+
+
+def test_a_level_finish_in_stage3_is_recorded_and_never_raises_the_loss_it_was_chosen_on(tiny_backbone_dir):
+    scorer, tables = _small_mf_setup(tiny_backbone_dir)
+    m = train_stage3(
+        scorer, tables, _rows(), Stage3Config(lr=1e-3, batch_size=8, level_finish=True), 0, False
+    )
+    losses = m["level_finish"]["losses"]
+    assert set(losses) == {"0.0", "0.5", "1.0", "2.0", "4.0"}
+    assert losses[str(m["level_finish"]["scale"])] == min(losses.values()) <= losses["0.0"]

@@ -225,6 +225,12 @@ class Stage3Config:
     #: projection is shared by `<User_ID>` and `<Item_ID>`), else the directions alone keep the
     #: two slots apart.
     level_exclusive: bool = True
+    #: Whether Proj C->L ends stage 3 with the same rank-two update as `level_init`, measured at
+    #: the trained weights and kept at the multiple (0, 0.5, 1, 2 or 4) whose BCE on 256 seeded
+    #: stage-3 rows is lowest (choice; False: the weights training left, as in the paper). The
+    #: levels a start puts in do not survive training (docs/results.md); given at the end they
+    #: cannot be trained away.
+    level_finish: bool = False
 
 
 @dataclass

@@ -32,12 +32,15 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.linear_model import Ridge
 
 from sellarec.model.collab import CollabProjector
 
 #: Rows whose per-row gradients fit the directions, and rows the slope is measured on.
 FIT_ROWS, CHECK_ROWS = 128, 64
+#: Rows whose BCE chooses `level_finish`'s multiple.
+FINISH_CHECK_ROWS = 256
 #: Ridge penalties, as a share of the mean square of the features or gradients.
 RIDGE_SHARE, DIRECTION_SHARE = 1e-3, 1e-3
 #: Measured slope accepted as 1 (the update is rescaled while it is further off).
@@ -79,6 +82,51 @@ def fit_level(features: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
+def level_update(
+    proj: CollabProjector,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    uids: torch.Tensor,
+    iids: torch.Tensor,
+    slots: list[int],
+    gradients: torch.Tensor,
+    exclusive: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """The rank-two update (weight, bias) of Proj C->L's last layer, the levels [n_users],
+    [n_items] stacked as (user, item) and what it measured, for per-row slot gradients
+    [n, 3, d_L] (see `level_start`)."""
+    levels = mf_levels(users, items, uids, iids)
+    directions = slot_directions(gradients[:, slots])
+    last = proj.net[-1]
+    update_w, update_b = torch.zeros_like(last.weight), torch.zeros_like(last.bias)
+    fits = {}
+    features = [hidden(proj, t) for t in (users, items)]
+    for k, slot in enumerate(slots):
+        if (
+            exclusive
+        ):  # one slot's level from its own table, nothing from the other's: the projection is shared
+            zeros = [torch.zeros(len(users)), torch.zeros(len(items))]
+            zeros[slot] = levels[slot]
+            w, c, r2 = fit_level(torch.cat(features), torch.cat(zeros))
+        else:
+            w, c, r2 = fit_level(features[slot], levels[slot])
+        update_w += torch.outer(directions[k], w)
+        update_b += directions[k] * c
+        fits[("user", "item")[slot]] = r2
+    info = {
+        "ridge_r2": fits,
+        "direction_norms": [float(d.norm()) for d in directions],
+        "level_std": {("user", "item")[s]: float(levels[s].std()) for s in slots},
+    }
+    return update_w, update_b, levels, info
+
+
+def row_levels(levels: tuple[torch.Tensor, torch.Tensor], slots: list[int], uids, iids) -> torch.Tensor:
+    """[n] the summed levels of rows (uids, iids) over the prompt's slots."""
+    return sum(levels[slot][(uids, iids)[slot]] for slot in slots)
+
+
+@torch.no_grad()
 def level_start(
     proj: CollabProjector,
     users: torch.Tensor,
@@ -106,32 +154,13 @@ def level_start(
     shared by both slots), else the directions alone keep the slots apart. Returns what it
     measured (for done.json).
     """
-    levels = mf_levels(users, items, uids, iids)
-    tables = (users, items)
-    directions = slot_directions(gradients(fit_rows)[:, slots])
+    update_w, update_b, levels, info = level_update(
+        proj, users, items, uids, iids, slots, gradients(fit_rows), exclusive
+    )
     last = proj.net[-1]
     weight, bias = last.weight.detach().clone(), last.bias.detach().clone()
-    update_w, update_b = torch.zeros_like(weight), torch.zeros_like(bias)
-    fits = {}
-    features = [hidden(proj, t) for t in tables]
-    for k, slot in enumerate(slots):
-        # One slot's level from its own table, nothing from the other's: the projection is shared.
-        if exclusive:
-            target = torch.cat(
-                [
-                    levels[0] if slot == 0 else torch.zeros(len(users)),
-                    levels[1] if slot == 1 else torch.zeros(len(items)),
-                ]
-            )
-            w, c, r2 = fit_level(torch.cat(features), target)
-        else:
-            w, c, r2 = fit_level(features[slot], levels[slot])
-        update_w += torch.outer(directions[k], w)
-        update_b += directions[k] * c
-        fits[("user", "item")[slot]] = r2
     rows = torch.as_tensor(check_rows)
-    su, si = uids[rows], iids[rows]
-    wanted = sum(levels[slot][(su, si)[slot]] for slot in slots)
+    wanted = row_levels(levels, slots, uids[rows], iids[rows])
     before = logits(check_rows)
     scale, history = 1.0, []
     for _ in range(rounds):
@@ -148,10 +177,44 @@ def level_start(
     if not kept:  # the logit does not follow the levels: leave the projection as it was
         last.weight.copy_(weight)
         last.bias.copy_(bias)
-    return {
-        "ridge_r2": fits,
-        "direction_norms": [float(d.norm()) for d in directions],
-        "level_std": {("user", "item")[s]: float(levels[s].std()) for s in slots},
-        "rounds": history,
-        "kept": kept,
-    }
+    return info | {"rounds": history, "kept": kept}
+
+
+#: Multiples of the update `level_finish` tries (0: none, so it never raises the loss it is chosen on).
+FINISH_SCALES = (0.0, 0.5, 1.0, 2.0, 4.0)
+
+
+@torch.no_grad()
+def level_finish(
+    proj: CollabProjector,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    uids: torch.Tensor,
+    iids: torch.Tensor,
+    labels: torch.Tensor,
+    slots: list[int],
+    fit_rows: list[int],
+    check_rows: list[int],
+    logits: Callable[[list[int]], torch.Tensor],
+    gradients: Callable[[list[int]], torch.Tensor],
+    exclusive: bool = True,
+    scales: tuple[float, ...] = FINISH_SCALES,
+) -> dict:
+    """The same rank-two update, given to the projection stage 3 trained (`stage3.level_finish`):
+    measured at the trained point, and kept at the multiple in `scales` whose BCE on the labels
+    of `check_rows` (stage-3 rows) is lowest. Returns what it measured (for done.json)."""
+    update_w, update_b, _, info = level_update(
+        proj, users, items, uids, iids, slots, gradients(fit_rows), exclusive
+    )
+    last = proj.net[-1]
+    weight, bias = last.weight.detach().clone(), last.bias.detach().clone()
+    target = labels[torch.as_tensor(check_rows)].float()
+    losses = {}
+    for scale in scales:
+        last.weight.copy_(weight + scale * update_w)
+        last.bias.copy_(bias + scale * update_b)
+        losses[scale] = float(F.binary_cross_entropy_with_logits(logits(check_rows), target))
+    best = min(losses, key=losses.get)
+    last.weight.copy_(weight + best * update_w)
+    last.bias.copy_(bias + best * update_b)
+    return info | {"losses": {str(k): v for k, v in losses.items()}, "scale": best}

@@ -37,7 +37,7 @@ from sellarec.model.shared_head import SharedHead
 from sellarec.training.batches import grouped_batches, row_prompts, split_before_first_slot
 from sellarec.training.bundles import masked_mean
 from sellarec.training.config import Stage3Config
-from sellarec.training.level_start import CHECK_ROWS, FIT_ROWS, level_start
+from sellarec.training.level_start import CHECK_ROWS, FINISH_CHECK_ROWS, FIT_ROWS, level_finish, level_start
 from sellarec.training.loop import TailAverage, lr_scheduler, run_epochs
 
 
@@ -276,7 +276,7 @@ def calibrated_offset(logits: torch.Tensor, rate: float) -> float:
     return float(brentq(lambda b: float(expit(z + b).mean()) - rate, -50.0, 50.0, xtol=1e-9))
 
 
-def start_at_mf_levels(
+def at_mf_levels(
     scorer: SellaRec,
     tables: SoftInputTables,
     shared: SharedHead,
@@ -286,20 +286,30 @@ def start_at_mf_levels(
     seed: int,
     max_scale: float = 1.0,
     exclusive: bool = True,
+    labels: torch.Tensor | None = None,
 ) -> dict | None:
-    """`stage3.level_init`: Proj C->L starts with the MF's user and item levels in the LLM's
-    logit (training.level_start), measured on a seeded sample of the rows; None where the
-    prompt has neither `<User_ID>` nor `<Item_ID>`."""
+    """The MF's user and item levels put in the LLM's logit through Proj C->L
+    (training.level_start), measured on seeded samples of the rows: at the start of stage 3
+    (`stage3.level_init`), or, given the rows' `labels`, at its end with the multiple chosen on
+    them (`stage3.level_finish`). None where the prompt has neither `<User_ID>` nor `<Item_ID>`."""
     slots = [k for k, s in enumerate((Slot.USER, Slot.ITEM)) if s in scorer.spec.slots]
     if scorer.proj_c is None or tables.users is None or not slots:
         return None
     order = np.random.default_rng([seed, 13]).permutation(n_rows).tolist()
-    n_check = min(CHECK_ROWS, n_rows // 3)  # a small stage 3 (tests, the demo) splits what it has
+    wanted = CHECK_ROWS if labels is None else FINISH_CHECK_ROWS
+    n_check = min(wanted, n_rows // 3)  # a small stage 3 (tests, the demo) splits what it has
     n_fit = min(FIT_ROWS, n_rows - n_check)
     fit_rows, check_rows = order[:n_fit], order[n_fit : n_fit + n_check]
 
     def logits(local: list[int]) -> torch.Tensor:
-        return split_logits(scorer, tables, *row_inputs(local), shared, row_neutral(local))
+        return torch.cat(
+            [
+                split_logits(
+                    scorer, tables, *row_inputs(local[s : s + 32]), shared, row_neutral(local[s : s + 32])
+                )
+                for s in range(0, len(local), 32)
+            ]
+        )
 
     def gradients(local: list[int]) -> torch.Tensor:
         out = []
@@ -316,19 +326,12 @@ def start_at_mf_levels(
 
     _, _, all_uids, all_iids = row_inputs(list(range(n_rows)))
     users, items = tables.users.detach(), tables.items.detach()
+    common = (scorer.proj_c, users, items, all_uids, all_iids)
+    if labels is not None:
+        rows = (slots, fit_rows, check_rows, logits, gradients)
+        return level_finish(*common, labels, *rows, exclusive=exclusive)
     return level_start(
-        scorer.proj_c,
-        users,
-        items,
-        all_uids,
-        all_iids,
-        slots,
-        fit_rows,
-        check_rows,
-        logits,
-        gradients,
-        max_scale=max_scale,
-        exclusive=exclusive,
+        *common, slots, fit_rows, check_rows, logits, gradients, max_scale=max_scale, exclusive=exclusive
     )
 
 
@@ -418,7 +421,7 @@ def train_stage3(
         return loss * (len(local) / batch_size)
 
     if cfg.level_init and not mf_residual:  # the residual has the levels already
-        level = start_at_mf_levels(
+        level = at_mf_levels(
             scorer,
             tables,
             shared,
@@ -460,6 +463,19 @@ def train_stage3(
         max_grad_norm=cfg.max_grad_norm,
         average=average,
     )
+    finish = None
+    if cfg.level_finish and not mf_residual:  # after the run (and its averaging): on the weights it ships
+        finish = at_mf_levels(
+            scorer,
+            tables,
+            shared,
+            row_inputs,
+            row_neutral,
+            len(pieces),
+            seed,
+            exclusive=cfg.level_exclusive,
+            labels=labels,
+        )
     if centered:
         scorer.proj_w.net = scorer.proj_w.net.folded()
     for m in projections:
@@ -470,6 +486,8 @@ def train_stage3(
     metrics = run.metrics(len(train), labels)
     if level is not None:
         metrics["level_start"] = level
+    if finish is not None:
+        metrics["level_finish"] = finish
     if offset is not None:  # rank-neutral, so the bundle leaves it out (Stage3Config.logit_offset)
         metrics["logit_offset"] = {"start": start_offset, "end": float(offset.detach())}
     return metrics

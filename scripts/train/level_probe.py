@@ -29,7 +29,7 @@ from sellarec.training.config import VARIANTS, load_config
 from sellarec.training.data import sample
 from sellarec.training.level_start import mf_levels, slot_directions
 from sellarec.training.pipeline import Pipeline, templates
-from sellarec.training.stage3 import build_scorer, split_logits, start_at_mf_levels
+from sellarec.training.stage3 import build_scorer, split_logits, at_mf_levels
 
 
 def main() -> None:
@@ -125,7 +125,7 @@ def main() -> None:
             f"(1 asked), other slot {other.mean():.3f} +- {other.std():.3f} (0 asked)"
         )
 
-    start = start_at_mf_levels(
+    start = at_mf_levels(
         scorer,
         tables,
         shared,

@@ -31,6 +31,7 @@ PAPER_SETTINGS: dict[str, str] = {
     "stage3.logit_offset": "none",
     "stage3.lora_lr": "the stage-1 LoRA frozen (Table 1)",
     "stage3.level_init": "Proj C->L as stage 2 or a fresh initialisation left it",
+    "stage3.level_finish": "the weights training left",
 }
 
 
@@ -135,6 +136,12 @@ def _ours(cfg: dict, key: str) -> str:
             "Proj C->L started with the MF's user and item levels (training.level_start)"
             if value
             else "Proj C->L as stage 2 or a fresh initialisation left it"
+        )
+    if name == "level_finish":
+        return (
+            "Proj C->L ends with the MF's levels added (training.level_start.level_finish)"
+            if value
+            else "the weights training left"
         )
     if name == "average_from":
         return "the last step's weights" if value is None else f"mean over the steps after {value:.0%}"
