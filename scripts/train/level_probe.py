@@ -29,7 +29,7 @@ from sellarec.training.config import VARIANTS, load_config
 from sellarec.training.data import sample
 from sellarec.training.level_start import mf_levels, slot_directions
 from sellarec.training.pipeline import Pipeline, templates
-from sellarec.training.stage3 import build_scorer, split_logits, at_mf_levels
+from sellarec.training.stage3 import at_mf_levels, build_scorer, split_logits
 
 
 def main() -> None:
