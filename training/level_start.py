@@ -1,5 +1,6 @@
-"""A first-order start for Proj C->L: stage 3 begins with the LLM's logit carrying the MF's
-user and item levels (`stage3.level_init`; a choice, the paper does not have it).
+"""A first-order update of Proj C->L that puts the MF's user and item levels in the LLM's
+logit, at the start of stage 3 (`stage3.level_init`) or at its end (`stage3.level_finish`);
+a choice, the paper does not have it.
 
 Why. On ML-1M the LLM rows order each user's own candidates better than MF but lose to it
 between users (docs/results.md, "Where the gap to MF lies"): which users like more of what
@@ -11,19 +12,25 @@ What. Write the MF logit around the stage-3 rows' mean user u0 and item v0:
     <u, v> = <u, v0> + <u0, v> + <u - u0, v - v0> - <u0, v0>
 
 The first two terms, the user level L(u) = <u, v0> and the item level L(v) = <u0, v>, are
-linear in one vector each, so a soft token can carry them. With g_u and g_i the mean
-gradients of the LLM's logit with respect to the user and the item soft token (over a seeded
-sample of stage-3 rows), directions d_u and d_i with <g_u, d_u> = <g_i, d_i> = 1 and
-<g_u, d_i> = <g_i, d_u> = 0 move the logit, to first order, by one unit through one slot
-and not at all through the other. Proj C->L's last layer gets the rank-two update
+linear in one vector each, so a soft token can carry them. With g_ru and g_ri each sampled
+row's gradient of the LLM's logit with respect to its user and item soft token, ridge
+solutions d_u, d_i of <g_ru, d_u> = <g_ri, d_i> = 1 and <g_ru, d_i> = <g_ri, d_u> = 0 over
+the rows move a row's logit, to first order, by about one unit through one slot and little
+through the other. Proj C->L's last layer gets the rank-two update
 
     W += d_u w_u^T + d_i w_i^T,    b += d_u c_u + d_i c_i
 
 where w.h + c is a ridge fit of L on the projection's hidden layer h (over the MF users,
-and over the items). The projection keeps its architecture and everything it had; its
-output moves along d_u by the user's level and along d_i by the item's. The update is then
-rescaled until the measured change of the sample's logits follows L(u) + L(v) with slope 1
-(the first-order step is not exact through a 30-layer model).
+and over the items; `exclusive`: also to read zero from the other table). The projection
+keeps its architecture and everything it had; its output moves along d_u by the user's level
+and along d_i by the item's. `level_start` then rescales the update (within `max_scale`)
+toward a measured slope of 1 of the logits' change on other rows against L(u) + L(v) (the
+first-order step is not exact through a 30-layer model); `level_finish` gives the same
+update to the projection stage 3 trained, at the multiple whose BCE on stage-3 rows is lowest
+(`stage3.level_finish`).
+
+Measured on ML-1M and the demo, neither is kept (docs/results.md, "The MF's levels put in the
+LLM's logit at the start of stage 3").
 """
 
 from __future__ import annotations
