@@ -14,7 +14,13 @@ from test_training_stage3 import _setup
 from sellarec.model.collab import CollabProjector
 from sellarec.training.batches import row_prompts, split_before_first_slot
 from sellarec.training.config import Stage3Config
-from sellarec.training.level_start import SLOPE_TOLERANCE, level_start, mf_levels, slot_directions
+from sellarec.training.level_start import (
+    SLOPE_TOLERANCE,
+    LevelRows,
+    level_start,
+    mf_levels,
+    slot_directions,
+)
 from sellarec.training.stage3 import split_logits, train_stage3
 
 
@@ -108,8 +114,7 @@ def test_a_level_start_the_logit_does_not_follow_leaves_the_projection_as_it_was
     start = copy.deepcopy(proj.state_dict())
     users, items = torch.randn(12, 8), torch.randn(10, 8)
     uids, iids = torch.randint(0, 12, (30,)), torch.randint(0, 10, (30,))
-    m = level_start(
-        proj,
+    rows = LevelRows(
         users,
         items,
         uids,
@@ -120,6 +125,7 @@ def test_a_level_start_the_logit_does_not_follow_leaves_the_projection_as_it_was
         logits=lambda rows: torch.zeros(len(rows)),  # an LLM the soft tokens do not reach
         gradients=lambda rows: torch.randn(len(rows), 3, 16),
     )
+    m = level_start(proj, rows)
     assert not m["kept"]
     for k, v in proj.state_dict().items():
         assert torch.equal(v, start[k])
@@ -149,9 +155,8 @@ def test_through_a_linear_llm_the_first_order_start_adds_exactly_the_fitted_leve
     rows = list(range(300))
     proj.requires_grad_(False)
     before = logits(rows)
-    m = level_start(
-        proj, users, items, uids, iids, [0, 1], rows[:100], rows[100:], logits, gradients, exclusive=False
-    )
+    sample = LevelRows(users, items, uids, iids, [0, 1], rows[:100], rows[100:], logits, gradients)
+    m = level_start(proj, sample, exclusive=False)
     assert m["rounds"][0]["scale"] == 1.0 and abs(m["rounds"][0]["slope"] - 1) < 0.05
     user_level, item_level = mf_levels(users, items, uids, iids)
     wanted = user_level[uids] + item_level[iids]
@@ -172,9 +177,8 @@ def test_a_level_finish_keeps_the_multiple_whose_bce_on_the_rows_is_lowest():
     with torch.no_grad():  # labels drawn as if the logit carried twice the levels
         truth = logits(rows) + 2 * (user_level[uids] + item_level[iids])
     labels = torch.bernoulli(torch.sigmoid(truth), generator=torch.Generator().manual_seed(1))
-    m = level_finish(
-        proj, users, items, uids, iids, labels, [0, 1], rows[:200], rows[200:], logits, gradients, False
-    )
+    sample = LevelRows(users, items, uids, iids, [0, 1], rows[:200], rows[200:], logits, gradients)
+    m = level_finish(proj, sample, labels, exclusive=False)
     assert m["scale"] == 2.0
     assert m["losses"]["2.0"] == min(m["losses"].values()) < m["losses"]["0.0"]
     with torch.no_grad():

@@ -100,8 +100,7 @@ def text_bundle(
     return write_variant(d, cfg, data, variant, {}, spec=spec, adapter=adapter)
 
 
-def stage3_bundle(
-    d: Path,
+def stage3_start(
     cfg: RunConfig,
     data: Dataset,
     variant: Variant,
@@ -109,9 +108,9 @@ def stage3_bundle(
     adapter: Path,
     collab: dict[str, torch.Tensor],
     semantic: torch.Tensor | None,
-    progress: bool = True,
-) -> dict:
-    """Stage 3 on its seeded train sample, then the bundle; returns stage 3's metrics."""
+) -> tuple[SellaRec, SoftInputTables, pd.DataFrame]:
+    """What stage 3 starts from: the scorer (warm-started where the variant is), the tables it
+    trains and its seeded train sample."""
     proj_state = warm_start(collab) if variant.warm_start else None
     scorer = build_scorer(
         cfg.backbone,
@@ -128,6 +127,22 @@ def stage3_bundle(
     )
     tables = soft_input_tables(scorer, collab, semantic, data.trained_users())
     rows = sample(data.train, cfg.stage3.budget, cfg.seed + STAGE3_SEED_OFFSET)
+    return scorer, tables, rows
+
+
+def stage3_bundle(
+    d: Path,
+    cfg: RunConfig,
+    data: Dataset,
+    variant: Variant,
+    spec: TemplateSpec,
+    adapter: Path,
+    collab: dict[str, torch.Tensor],
+    semantic: torch.Tensor | None,
+    progress: bool = True,
+) -> dict:
+    """Stage 3 on its seeded train sample, then the bundle; returns stage 3's metrics."""
+    scorer, tables, rows = stage3_start(cfg, data, variant, spec, adapter, collab, semantic)
     residual = variant.mf_residual
     metrics = train_stage3(scorer, tables, rows, cfg.stage3, cfg.seed, progress, mf_residual=residual)
     tensors = trained_tensors(data, scorer, tables)

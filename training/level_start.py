@@ -36,6 +36,7 @@ LLM's logit at the start of stage 3").
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -88,92 +89,89 @@ def fit_level(features: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tenso
     return torch.from_numpy(model.coef_).float(), float(model.intercept_), float(model.score(x, y))
 
 
-@torch.no_grad()
-def level_update(
-    proj: CollabProjector,
-    users: torch.Tensor,
-    items: torch.Tensor,
-    uids: torch.Tensor,
-    iids: torch.Tensor,
-    slots: list[int],
-    gradients: torch.Tensor,
-    exclusive: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-    """The rank-two update (weight, bias) of Proj C->L's last layer, the levels [n_users],
-    [n_items] stacked as (user, item) and what it measured, for per-row slot gradients
-    [n, 3, d_L] (see `level_start`)."""
-    levels = mf_levels(users, items, uids, iids)
-    directions = slot_directions(gradients[:, slots])
-    last = proj.net[-1]
-    update_w, update_b = torch.zeros_like(last.weight), torch.zeros_like(last.bias)
-    fits = {}
-    features = [hidden(proj, t) for t in (users, items)]
-    for k, slot in enumerate(slots):
-        if (
-            exclusive
-        ):  # one slot's level from its own table, nothing from the other's: the projection is shared
-            zeros = [torch.zeros(len(users)), torch.zeros(len(items))]
-            zeros[slot] = levels[slot]
-            w, c, r2 = fit_level(torch.cat(features), torch.cat(zeros))
-        else:
-            w, c, r2 = fit_level(features[slot], levels[slot])
-        update_w += torch.outer(directions[k], w)
-        update_b += directions[k] * c
-        fits[("user", "item")[slot]] = r2
-    info = {
-        "ridge_r2": fits,
-        "direction_norms": [float(d.norm()) for d in directions],
-        "level_std": {("user", "item")[s]: float(levels[s].std()) for s in slots},
-    }
-    return update_w, update_b, levels, info
+@dataclass
+class LevelRows:
+    """What the update is measured on: the MF tables the soft tokens read, the stage-3 rows,
+    the prompt's slots and two disjoint samples of the rows with the LLM's answers on them."""
+
+    #: The MF user and item tables [n_users, d_C], [n_items, d_C].
+    users: torch.Tensor
+    items: torch.Tensor
+    #: The stage-3 rows' user and item ids [n].
+    uids: torch.Tensor
+    iids: torch.Tensor
+    #: Which soft-token columns (0 user, 1 item) the prompt carries.
+    slots: list[int]
+    #: Rows whose per-row gradients fit the directions.
+    fit_rows: list[int]
+    #: Rows the result is measured on (slope or BCE).
+    check_rows: list[int]
+    #: [n] the LLM's logits of the given rows, with the projection as it is at the call.
+    logits: Callable[[list[int]], torch.Tensor]
+    #: [n, 3, d_L] each given row's gradient of its logit with respect to its soft tokens.
+    gradients: Callable[[list[int]], torch.Tensor]
+
+    def levels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return mf_levels(self.users, self.items, self.uids, self.iids)
 
 
-def row_levels(levels: tuple[torch.Tensor, torch.Tensor], slots: list[int], uids, iids) -> torch.Tensor:
-    """[n] the summed levels of rows (uids, iids) over the prompt's slots."""
-    return sum(levels[slot][(uids, iids)[slot]] for slot in slots)
+class LevelUpdate:
+    """The rank-two update of Proj C->L's last layer (module docstring), applied at any multiple
+    of itself on top of the weights the projection had when it was measured."""
+
+    @torch.no_grad()
+    def __init__(self, proj: CollabProjector, rows: LevelRows, exclusive: bool = True) -> None:
+        self.levels = rows.levels()
+        directions = slot_directions(rows.gradients(rows.fit_rows)[:, rows.slots])
+        self.last = proj.net[-1]
+        self.weight, self.bias = self.last.weight.detach().clone(), self.last.bias.detach().clone()
+        self.update_w, self.update_b = torch.zeros_like(self.weight), torch.zeros_like(self.bias)
+        fits = {}
+        features = [hidden(proj, t) for t in (rows.users, rows.items)]
+        for k, slot in enumerate(rows.slots):
+            if exclusive:  # one slot's level from its own table and zero from the other's (shared projection)
+                targets = [torch.zeros(len(rows.users)), torch.zeros(len(rows.items))]
+                targets[slot] = self.levels[slot]
+                w, c, r2 = fit_level(torch.cat(features), torch.cat(targets))
+            else:
+                w, c, r2 = fit_level(features[slot], self.levels[slot])
+            self.update_w += torch.outer(directions[k], w)
+            self.update_b += directions[k] * c
+            fits[("user", "item")[slot]] = r2
+        self.info = {
+            "ridge_r2": fits,
+            "direction_norms": [float(d.norm()) for d in directions],
+            "level_std": {("user", "item")[s]: float(self.levels[s].std()) for s in rows.slots},
+        }
+
+    @torch.no_grad()
+    def apply(self, scale: float) -> None:
+        """The projection's last layer at its measured weights plus `scale` times the update."""
+        self.last.weight.copy_(self.weight + scale * self.update_w)
+        self.last.bias.copy_(self.bias + scale * self.update_b)
 
 
 @torch.no_grad()
 def level_start(
-    proj: CollabProjector,
-    users: torch.Tensor,
-    items: torch.Tensor,
-    uids: torch.Tensor,
-    iids: torch.Tensor,
-    slots: list[int],
-    fit_rows: list[int],
-    check_rows: list[int],
-    logits: Callable[[list[int]], torch.Tensor],
-    gradients: Callable[[list[int]], torch.Tensor],
-    rounds: int = 3,
-    max_scale: float = 1.0,
-    exclusive: bool = True,
+    proj: CollabProjector, rows: LevelRows, rounds: int = 3, max_scale: float = 1.0, exclusive: bool = True
 ) -> dict:
-    """Give Proj C->L the rank-two update of the module docstring, in place.
+    """Give Proj C->L the update of the module docstring, in place, rescaled toward a slope of 1
+    of the change of the check rows' logits against their levels.
 
-    `users`, `items`: the MF tables the soft tokens read; `uids`, `iids`: the stage-3 rows;
-    `slots`: which of the soft-token columns (0 user, 1 item) the prompt carries;
-    `gradients(rows)` [n, 3, d_L]: each row's gradient of its logit with respect to its soft
-    tokens, measured on `fit_rows`; `logits(rows)` [n], measured on `check_rows`, with the
-    projection as it is at the call. `max_scale`: the largest multiple of the first-order
-    update the rescaling may reach (a trust region: the first-order model is local);
-    `exclusive`: each level is fit to read zero from the other table (the projection is
-    shared by both slots), else the directions alone keep the slots apart. Returns what it
-    measured (for done.json).
+    `max_scale`: the largest multiple of the first-order update the rescaling may reach (a
+    trust region: the first-order model is local); `exclusive`: each level is fit to read zero
+    from the other table (the projection is shared by both slots), else the directions alone
+    keep the slots apart. Returns what it measured (for done.json).
     """
-    update_w, update_b, levels, info = level_update(
-        proj, users, items, uids, iids, slots, gradients(fit_rows), exclusive
-    )
-    last = proj.net[-1]
-    weight, bias = last.weight.detach().clone(), last.bias.detach().clone()
-    rows = torch.as_tensor(check_rows)
-    wanted = row_levels(levels, slots, uids[rows], iids[rows])
-    before = logits(check_rows)
+    update = LevelUpdate(proj, rows, exclusive)
+    check = torch.as_tensor(rows.check_rows)
+    ids = (rows.uids[check], rows.iids[check])
+    wanted = sum(update.levels[slot][ids[slot]] for slot in rows.slots)
+    before = rows.logits(rows.check_rows)
     scale, history = 1.0, []
     for _ in range(rounds):
-        last.weight.copy_(weight + scale * update_w)
-        last.bias.copy_(bias + scale * update_b)
-        change = logits(check_rows) - before
+        update.apply(scale)
+        change = rows.logits(rows.check_rows) - before
         slope = float(torch.cov(torch.stack([change, wanted]))[0, 1] / wanted.var())
         corr = float(torch.corrcoef(torch.stack([change, wanted]))[0, 1])
         history.append({"scale": scale, "slope": slope, "correlation": corr})
@@ -182,9 +180,8 @@ def level_start(
         scale = min(scale / slope, max_scale)
     kept = history[-1]["slope"] > 0.1
     if not kept:  # the logit does not follow the levels: leave the projection as it was
-        last.weight.copy_(weight)
-        last.bias.copy_(bias)
-    return info | {"rounds": history, "kept": kept}
+        update.apply(0.0)
+    return update.info | {"rounds": history, "kept": kept}
 
 
 #: Multiples of the update `level_finish` tries (0: none, so it never raises the loss it is chosen on).
@@ -194,34 +191,20 @@ FINISH_SCALES = (0.0, 0.5, 1.0, 2.0, 4.0)
 @torch.no_grad()
 def level_finish(
     proj: CollabProjector,
-    users: torch.Tensor,
-    items: torch.Tensor,
-    uids: torch.Tensor,
-    iids: torch.Tensor,
+    rows: LevelRows,
     labels: torch.Tensor,
-    slots: list[int],
-    fit_rows: list[int],
-    check_rows: list[int],
-    logits: Callable[[list[int]], torch.Tensor],
-    gradients: Callable[[list[int]], torch.Tensor],
     exclusive: bool = True,
     scales: tuple[float, ...] = FINISH_SCALES,
 ) -> dict:
-    """The same rank-two update, given to the projection stage 3 trained (`stage3.level_finish`):
-    measured at the trained point, and kept at the multiple in `scales` whose BCE on the labels
-    of `check_rows` (stage-3 rows) is lowest. Returns what it measured (for done.json)."""
-    update_w, update_b, _, info = level_update(
-        proj, users, items, uids, iids, slots, gradients(fit_rows), exclusive
-    )
-    last = proj.net[-1]
-    weight, bias = last.weight.detach().clone(), last.bias.detach().clone()
-    target = labels[torch.as_tensor(check_rows)].float()
+    """The same update, given to the projection stage 3 trained (`stage3.level_finish`):
+    measured at the trained point, and kept at the multiple in `scales` whose BCE on the
+    `labels` [n] of the check rows (stage-3 rows) is lowest. Returns what it measured."""
+    update = LevelUpdate(proj, rows, exclusive)
+    target = labels[torch.as_tensor(rows.check_rows)].float()
     losses = {}
     for scale in scales:
-        last.weight.copy_(weight + scale * update_w)
-        last.bias.copy_(bias + scale * update_b)
-        losses[scale] = float(F.binary_cross_entropy_with_logits(logits(check_rows), target))
+        update.apply(scale)
+        losses[scale] = float(F.binary_cross_entropy_with_logits(rows.logits(rows.check_rows), target))
     best = min(losses, key=losses.get)
-    last.weight.copy_(weight + best * update_w)
-    last.bias.copy_(bias + best * update_b)
-    return info | {"losses": {str(k): v for k, v in losses.items()}, "scale": best}
+    update.apply(best)
+    return update.info | {"losses": {str(k): v for k, v in losses.items()}, "scale": best}

@@ -10,6 +10,7 @@ path (tested), a fraction of the backward.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -37,7 +38,14 @@ from sellarec.model.shared_head import SharedHead
 from sellarec.training.batches import grouped_batches, row_prompts, split_before_first_slot
 from sellarec.training.bundles import masked_mean
 from sellarec.training.config import Stage3Config
-from sellarec.training.level_start import CHECK_ROWS, FINISH_CHECK_ROWS, FIT_ROWS, level_finish, level_start
+from sellarec.training.level_start import (
+    CHECK_ROWS,
+    FINISH_CHECK_ROWS,
+    FIT_ROWS,
+    LevelRows,
+    level_finish,
+    level_start,
+)
 from sellarec.training.loop import TailAverage, lr_scheduler, run_epochs
 
 
@@ -282,57 +290,59 @@ def at_mf_levels(
     shared: SharedHead,
     row_inputs: Callable[[list[int]], tuple],
     row_neutral: Callable[[list[int]], torch.Tensor | None],
-    n_rows: int,
+    uids: torch.Tensor,
+    iids: torch.Tensor,
     seed: int,
     max_scale: float = 1.0,
     exclusive: bool = True,
     labels: torch.Tensor | None = None,
 ) -> dict | None:
     """The MF's user and item levels put in the LLM's logit through Proj C->L
-    (training.level_start), measured on seeded samples of the rows: at the start of stage 3
-    (`stage3.level_init`), or, given the rows' `labels`, at its end with the multiple chosen on
-    them (`stage3.level_finish`). None where the prompt has neither `<User_ID>` nor `<Item_ID>`."""
+    (training.level_start), measured on seeded samples of the rows (`uids`, `iids`): at the
+    start of stage 3 (`stage3.level_init`), or, given the rows' `labels`, at its end with the
+    multiple chosen on them (`stage3.level_finish`). None where the prompt has neither
+    `<User_ID>` nor `<Item_ID>`."""
     slots = [k for k, s in enumerate((Slot.USER, Slot.ITEM)) if s in scorer.spec.slots]
     if scorer.proj_c is None or tables.users is None or not slots:
         return None
+    n_rows = len(uids)
     order = np.random.default_rng([seed, 13]).permutation(n_rows).tolist()
     wanted = CHECK_ROWS if labels is None else FINISH_CHECK_ROWS
     n_check = min(wanted, n_rows // 3)  # a small stage 3 (tests, the demo) splits what it has
     n_fit = min(FIT_ROWS, n_rows - n_check)
-    fit_rows, check_rows = order[:n_fit], order[n_fit : n_fit + n_check]
+
+    def chunks(local: list[int]) -> list[list[int]]:
+        return [local[s : s + 32] for s in range(0, len(local), 32)]
 
     def logits(local: list[int]) -> torch.Tensor:
         return torch.cat(
-            [
-                split_logits(
-                    scorer, tables, *row_inputs(local[s : s + 32]), shared, row_neutral(local[s : s + 32])
-                )
-                for s in range(0, len(local), 32)
-            ]
+            [split_logits(scorer, tables, *row_inputs(c), shared, row_neutral(c)) for c in chunks(local)]
         )
 
     def gradients(local: list[int]) -> torch.Tensor:
         out = []
-        for s in range(0, len(local), 32):  # each row's logit depends on its own soft tokens only
-            chunk = local[s : s + 32]
-            heads, tails, uids, iids = row_inputs(chunk)
+        for chunk in chunks(local):  # each row's logit depends on its own soft tokens only
+            heads, tails, u, i = row_inputs(chunk)
             with torch.enable_grad():
-                vectors = tables.vectors(scorer, uids, iids, row_neutral(chunk)).detach().requires_grad_(True)
-                split_logits(
-                    scorer, tables, heads, tails, uids, iids, shared, vectors=vectors
-                ).sum().backward()
+                vectors = tables.vectors(scorer, u, i, row_neutral(chunk)).detach().requires_grad_(True)
+                split_logits(scorer, tables, heads, tails, u, i, shared, vectors=vectors).sum().backward()
             out.append(vectors.grad)
         return torch.cat(out)
 
-    _, _, all_uids, all_iids = row_inputs(list(range(n_rows)))
-    users, items = tables.users.detach(), tables.items.detach()
-    common = (scorer.proj_c, users, items, all_uids, all_iids)
-    if labels is not None:
-        rows = (slots, fit_rows, check_rows, logits, gradients)
-        return level_finish(*common, labels, *rows, exclusive=exclusive)
-    return level_start(
-        *common, slots, fit_rows, check_rows, logits, gradients, max_scale=max_scale, exclusive=exclusive
+    rows = LevelRows(
+        tables.users.detach(),
+        tables.items.detach(),
+        uids,
+        iids,
+        slots,
+        fit_rows=order[:n_fit],
+        check_rows=order[n_fit : n_fit + n_check],
+        logits=logits,
+        gradients=gradients,
     )
+    if labels is not None:
+        return level_finish(scorer.proj_c, rows, labels, exclusive=exclusive)
+    return level_start(scorer.proj_c, rows, max_scale=max_scale, exclusive=exclusive)
 
 
 def train_stage3(
@@ -420,18 +430,21 @@ def train_stage3(
         )
         return loss * (len(local) / batch_size)
 
-    if cfg.level_init and not mf_residual:  # the residual has the levels already
-        level = at_mf_levels(
-            scorer,
-            tables,
-            shared,
-            row_inputs,
-            row_neutral,
-            len(pieces),
-            seed,
-            cfg.level_max_scale,
-            cfg.level_exclusive,
-        )
+    # The MF's levels in the LLM's logit (training.level_start); the residual has them already.
+    levels = functools.partial(
+        at_mf_levels,
+        scorer,
+        tables,
+        shared,
+        row_inputs,
+        row_neutral,
+        uids,
+        iids,
+        seed,
+        exclusive=cfg.level_exclusive,
+    )
+    if cfg.level_init and not mf_residual:
+        level = levels(max_scale=cfg.level_max_scale)
     if offset is not None:  # start at the base rate: the first steps need not move the soft tokens for it
         # A seeded sample of 64 rows, the same on every process.
         sample = np.random.default_rng([seed, 11]).permutation(len(pieces))[:64].tolist()
@@ -463,19 +476,8 @@ def train_stage3(
         max_grad_norm=cfg.max_grad_norm,
         average=average,
     )
-    finish = None
-    if cfg.level_finish and not mf_residual:  # after the run (and its averaging): on the weights it ships
-        finish = at_mf_levels(
-            scorer,
-            tables,
-            shared,
-            row_inputs,
-            row_neutral,
-            len(pieces),
-            seed,
-            exclusive=cfg.level_exclusive,
-            labels=labels,
-        )
+    # After the run (and its averaging): on the weights the bundle ships.
+    finish = levels(labels=labels) if cfg.level_finish and not mf_residual else None
     if centered:
         scorer.proj_w.net = scorer.proj_w.net.folded()
     for m in projections:

@@ -20,16 +20,13 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from sellarec.model.bundle import MF_ITEMS, MF_USERS
 from sellarec.model.shared_head import SharedHead
 from sellarec.training import assembly
-from sellarec.training.assembly import STAGE3_SEED_OFFSET
 from sellarec.training.batches import row_prompts, split_before_first_slot
 from sellarec.training.config import VARIANTS, load_config
-from sellarec.training.data import sample
 from sellarec.training.level_start import mf_levels, slot_directions
 from sellarec.training.pipeline import Pipeline, templates
-from sellarec.training.stage3 import at_mf_levels, build_scorer, split_logits
+from sellarec.training.stage3 import at_mf_levels, split_logits
 
 
 def main() -> None:
@@ -49,22 +46,8 @@ def main() -> None:
     adapter, _ = pipe.stage1()
     semantic, _ = pipe.distill()
     collab, _ = pipe.stage2(align=variant.align, holdout=cfg.stage3.held_out_mf)
-    warm = assembly.warm_start(collab) if variant.warm_start else None
     s3 = cfg.stage3
-    scorer = build_scorer(
-        cfg.backbone,
-        adapter,
-        spec,
-        cfg.stage2.collab_dim,
-        warm,
-        cfg.seed,
-        s3.soft_token_scale,
-        s3.warm_start,
-        torch.cat([collab[MF_USERS], collab[MF_ITEMS]]),
-        s3.soft_token_gain,
-    )
-    tables = assembly.soft_input_tables(scorer, collab, semantic, pipe.data.trained_users())
-    rows = sample(pipe.data.train, s3.budget, cfg.seed + STAGE3_SEED_OFFSET)
+    scorer, tables, rows = assembly.stage3_start(cfg, pipe.data, variant, spec, adapter, collab, semantic)
     pieces = [split_before_first_slot(scorer.encoder, p) for p in row_prompts(scorer.spec, rows)]
     uids = torch.as_tensor(rows["uid"].to_numpy(copy=True))
     iids = torch.as_tensor(rows["iid"].to_numpy(copy=True))
@@ -131,7 +114,8 @@ def main() -> None:
         shared,
         row_inputs,
         lambda _: None,
-        len(pieces),
+        uids,
+        iids,
         cfg.seed,
         s3.level_max_scale,
         s3.level_exclusive,
