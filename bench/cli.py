@@ -87,6 +87,9 @@ class Case:
     engine_vs_naive: float | None
     engine_vs_vllm: float | None
     engine_vs_roofline: float
+    #: Timed requests behind each rate (at least `--reps`; more to fill `--min-seconds`).
+    engine_requests: int = 0
+    vllm_requests: int | None = None
 
 
 def matmul_flops(
@@ -131,15 +134,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+#: Most timed calls `_timed` makes to fill `min_seconds`.
+MAX_REPS = 50
+
+
 def _timed(
-    fn: Callable[[], object], device: torch.device, reps: int, setup: Callable[[], object] | None = None
+    fn: Callable[[], object],
+    device: torch.device,
+    reps: int,
+    setup: Callable[[], object] | None = None,
+    min_seconds: float = 0.0,
 ) -> list[float]:
-    """Seconds of each of `reps` calls of `fn` after one warm-up; `setup` runs untimed before each."""
+    """Seconds of each timed call of `fn` after one warm-up; `setup` runs untimed before each.
+
+    At least `reps` calls, and more (up to MAX_REPS) until the timed calls add up to
+    `min_seconds`: a short request's best of three is within a machine's own drift, so both
+    sides of a comparison get the same time budget instead.
+    """
     if setup is not None:
         setup()
     fn()  # warm-up
-    out = []
-    for _ in range(reps):
+    out: list[float] = []
+    while len(out) < reps or (sum(out) < min_seconds and len(out) < MAX_REPS):
         if setup is not None:
             setup()
         _sync(device)
@@ -237,6 +253,7 @@ def run_case(
     naive_batch: int,
     flops: float,
     returning: bool = False,
+    min_seconds: float = 0.0,
 ) -> Case:
     """Time one rerank size on our paths; `scorer` is the plain model (the naive path's).
 
@@ -255,7 +272,7 @@ def run_case(
         backend.score([req.prefix], req.user_vec, [0] * n, req.suffixes, req.item_vec)
 
     setup = _earlier_request(scorer, req, backend.score, backend.prefix_cache.clear) if returning else None
-    engine_times = _timed(engine, device, reps, setup=setup)
+    engine_times = _timed(engine, device, reps, setup=setup, min_seconds=min_seconds)
     naive_times = None
     if naive:
         naive_times = _timed(
@@ -279,6 +296,7 @@ def run_case(
         engine_vs_naive=engine_rate / naive_rate if naive_rate else None,
         engine_vs_vllm=None,
         engine_vs_roofline=engine_rate / roofline,
+        engine_requests=len(engine_times),
     )
 
 
@@ -305,6 +323,7 @@ def with_vllm(
     reps: int,
     head_cached: bool = True,
     returning: bool = False,
+    min_seconds: float = 0.0,
 ) -> Case:
     """`case` with vLLM's timings of the same request added. With `head_cached` its prefix
     cache holds the instruction when the request arrives (as a server's does under traffic,
@@ -325,9 +344,15 @@ def with_vllm(
 
     forget = peer.llm.reset_prefix_cache
     setup = _earlier_request(scorer, req, peer.score, forget) if returning else fresh_cache
-    times = _timed(vllm_request, scorer.device, reps, setup=setup)
+    times = _timed(vllm_request, scorer.device, reps, setup=setup, min_seconds=min_seconds)
     rate = n / min(times)
-    return replace(case, vllm_per_s=rate, vllm_p50_ms=_p50_ms(times), engine_vs_vllm=case.engine_per_s / rate)
+    return replace(
+        case,
+        vllm_per_s=rate,
+        vllm_p50_ms=_p50_ms(times),
+        engine_vs_vllm=case.engine_per_s / rate,
+        vllm_requests=len(times),
+    )
 
 
 def _p50_ms(times: list[float] | None) -> float | None:
@@ -389,7 +414,10 @@ def bench(
     arch: str = typer.Option("smollm2", help="smollm2 (real weights) or " + ", ".join(ARCHES)),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("float32", help="float32 or bfloat16"),
-    reps: int = typer.Option(3, help="Timed repetitions per case (best is reported)."),
+    reps: int = typer.Option(3, help="Timed repetitions per case, at least (best is reported)."),
+    min_seconds: float = typer.Option(
+        2.0, help="Engine and vLLM: repeat a case (up to 50 times) until its timed requests add up to this."
+    ),
     naive: bool = typer.Option(True, help="Also time the straightforward path."),
     naive_batch: int = typer.Option(16, help="Batch size of the straightforward path."),
     naive_max: int = typer.Option(
@@ -431,7 +459,17 @@ def bench(
     kernels = matmul_flops(scorer.device, torch_dtype)
     flops = max(kernels.values())
     cases = [
-        run_case(scorer, backend, n, reps, naive and n <= naive_max, naive_batch, flops, returning_user)
+        run_case(
+            scorer,
+            backend,
+            n,
+            reps,
+            naive and n <= naive_max,
+            naive_batch,
+            flops,
+            returning_user,
+            min_seconds,
+        )
         for n in sizes
     ]
     kernels_after = matmul_flops(scorer.device, torch_dtype)
@@ -440,7 +478,10 @@ def bench(
             # vLLM's backend builds a torch backend for distillation: give it the engine's model.
             peer = vllm_peer(engine_scorer, arch, max_batch_tokens, Path(work))
             try:
-                cases = [with_vllm(c, scorer, peer, reps, vllm_head_cached, returning_user) for c in cases]
+                cases = [
+                    with_vllm(c, scorer, peer, reps, vllm_head_cached, returning_user, min_seconds)
+                    for c in cases
+                ]
             finally:
                 peer.close()
 
@@ -461,6 +502,8 @@ def bench(
         "engine_head_tokens": backend.head.length,
         "vllm_head_cached": vllm_head_cached if vllm else None,
         "returning_user": returning_user,
+        "reps": reps,
+        "min_seconds": min_seconds,
         "engine_prefix_cache": {"hits": backend.prefix_cache.hits, "misses": backend.prefix_cache.misses},
         "vllm_threads_bind": vllm_binding or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
         "matmul_flops": flops,

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from sellarec.bench import workload
 from sellarec.bench.cli import (
+    MAX_REPS,
     SWEEP,
     _timed,
     bench,
@@ -106,7 +107,18 @@ def test_spearman_of_a_ranking_and_its_reverse():
 
 def test_bench_runs_every_path_on_a_tiny_model(tmp_path):
     out, figure = tmp_path / "bench.json", tmp_path / "bench.png"
-    args = ["--arch", "tiny", "--tokenizer", "builtin", "--candidates", "1,5", "--reps", "1"]
+    args = [
+        "--arch",
+        "tiny",
+        "--tokenizer",
+        "builtin",
+        "--candidates",
+        "1,5",
+        "--reps",
+        "1",
+        "--min-seconds",
+        "0",
+    ]
     result = CliRunner().invoke(
         _app(bench), [*args, "--naive-max", "1", "--out", str(out), "--plot", str(figure)]
     )
@@ -128,14 +140,29 @@ def test_a_returning_user_is_timed_on_the_prefix_its_earlier_request_left(tmp_pa
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
     assert record["returning_user"]
-    # Per size: the warm-up and two timed calls, each after an earlier request that missed.
-    assert record["engine_prefix_cache"] == {"hits": 2 * 3, "misses": 2 * 3}
+    # Per size: the warm-up and every timed call (two at least, more to fill --min-seconds),
+    # each after an earlier request that missed.
+    calls = sum(case["engine_requests"] + 1 for case in record["cases"])
+    assert all(case["engine_requests"] >= 2 for case in record["cases"])
+    assert record["engine_prefix_cache"] == {"hits": calls, "misses": calls}
     assert all(case["engine_per_s"] > 0 for case in record["cases"])
 
 
 def test_without_returning_users_the_engine_keeps_no_prefix(tmp_path):
     out = tmp_path / "bench.json"
-    args = ["--arch", "tiny", "--tokenizer", "builtin", "--candidates", "1", "--reps", "1", "--no-naive"]
+    args = [
+        "--arch",
+        "tiny",
+        "--tokenizer",
+        "builtin",
+        "--candidates",
+        "1",
+        "--reps",
+        "1",
+        "--no-naive",
+        "--min-seconds",
+        "0",
+    ]
     assert CliRunner().invoke(_app(bench), [*args, "--out", str(out)]).exit_code == 0
     assert json.loads(out.read_text())["engine_prefix_cache"] == {"hits": 0, "misses": 0}
 
@@ -209,3 +236,13 @@ def test_setup_runs_before_every_call_and_outside_the_timing():
     calls = []
     times = _timed(lambda: calls.append("fn"), torch.device("cpu"), 2, setup=lambda: calls.append("setup"))
     assert calls == ["setup", "fn"] * 3 and len(times) == 2
+
+
+def test_short_calls_are_repeated_until_the_time_budget_and_no_further_than_the_cap(monkeypatch):
+    clock = iter(range(10_000))  # every perf_counter() reading is one second later
+    monkeypatch.setattr("sellarec.bench.cli.time.perf_counter", lambda: next(clock))
+    # Each timed call reads the clock twice: 1 s per call, so 5 s of budget takes 5 calls, not 2.
+    assert len(_timed(lambda: None, torch.device("cpu"), 2, min_seconds=5.0)) == 5
+    # With no budget, exactly `reps`; a budget out of reach stops at the cap.
+    assert len(_timed(lambda: None, torch.device("cpu"), 2)) == 2
+    assert len(_timed(lambda: None, torch.device("cpu"), 2, min_seconds=1e9)) == MAX_REPS
