@@ -23,7 +23,7 @@ from sellarec.training.report import (
 )
 from sellarec.training.report.soft_tokens import _local_backbone
 
-USERS, PER_USER = 12, 10
+USERS, PER_USER, COLD_USERS = 12, 10, 4
 #: How strongly each variant's scores follow the label (0: noise only).
 SIGNAL = {"mf": 0.3, "collm": 0.5, "sellarec": 3.0}
 LOSSES = [0.9, 0.8, 0.75, 0.7, 0.69, 0.66, 0.64, 0.6]
@@ -37,7 +37,8 @@ def validation_rows() -> dict[str, np.ndarray]:
         "uid": np.repeat(np.arange(USERS), PER_USER),
         "iid": np.arange(USERS * PER_USER),
         "label": label,
-        "not_cold": np.ones(USERS * PER_USER, dtype=np.int64),
+        # The first COLD_USERS users have no training rows: their rows are the cold ones.
+        "not_cold": (np.repeat(np.arange(USERS), PER_USER) >= COLD_USERS).astype(np.int64),
     }
 
 
@@ -337,6 +338,31 @@ def test_the_gap_to_mf_is_split_between_and_within_users_over_the_seeds(doc):
     ]
     assert within[0] > within[1] + 0.2
     assert f"- {LABELS['sellarec']} minus {LABELS['mf']}: between users" in section
+
+
+def test_the_split_is_also_given_on_the_warm_and_the_cold_rows_apart(doc):
+    from sellarec.training.report.levels import by_row_kind, user_levels
+
+    section = doc.split("## Where the gap to MF lies")[1].split("\n## ")[0]
+    assert "| variant | seeds | warm rows: between users | warm rows: within users |" in section
+    rows = validation_rows()
+    warm = rows["not_cold"] == 1
+    scores = fake_scores(SIGNAL["sellarec"], 0)
+    parts = by_row_kind(rows["uid"], rows["label"], scores, warm)
+    # Each kind's numbers are user_levels on that kind's rows alone, not on all of them.
+    cold = user_levels(rows["uid"][~warm], rows["label"][~warm], scores[~warm])
+    assert parts["cold_within"] == cold["within"] and parts["cold_between"] == cold["between"]
+    assert parts["warm_within"] != user_levels(rows["uid"], rows["label"], scores)["within"]
+    # The strong variant orders each user's own rows far better than MF on both kinds.
+    kinds = section.split("The same split on the warm rows")[1]
+    sella = [c.strip() for c in row(kinds, f"| {LABELS['sellarec']} | 3 |").split("|")[3:7]]
+    mf = [c.strip() for c in row(kinds, f"| {LABELS['mf']} | 3 |").split("|")[3:7]]
+    for i in (1, 3):  # the within-user columns
+        assert float(sella[i].split("±")[0]) > float(mf[i].split("±")[0]) + 0.2
+    assert f"- {LABELS['sellarec']} minus {LABELS['mf']}: warm rows: between users" in section
+    # A kind with rows of one label only has no AUC: shown as NaN, not as a number.
+    one_label = by_row_kind(rows["uid"], np.ones_like(rows["label"]), scores, warm)
+    assert all(np.isnan(v) for v in one_label.values())
 
 
 def test_not_yet_run_lists_the_missing_paper_variants_and_no_extension(doc):
