@@ -56,6 +56,29 @@ def test_one_step_per_batch_with_the_loss_of_each_step_recorded():
     assert torch.equal(model.weight, reference.weight) and torch.equal(model.bias, reference.bias)
 
 
+def test_on_step_sees_the_weights_each_step_left():
+    model, optimizer = _linear()
+    params = list(model.parameters())
+    seen: dict[int, torch.Tensor] = {}
+    run_epochs(
+        "test",
+        2,
+        lambda: BATCHES,
+        _bce(model),
+        optimizer,
+        params,
+        progress=False,
+        on_step=lambda n: seen.setdefault(n, model.weight.detach().clone()),
+    )
+    assert sorted(seen) == [1, 2, 3, 4]  # 1-based, after every step of both epochs
+    reference, ref_optimizer = _linear()
+    for n, batch in enumerate(BATCHES * 2, start=1):
+        ref_optimizer.zero_grad()
+        _bce(reference)(batch, len(batch)).backward()
+        ref_optimizer.step()
+        assert torch.equal(seen[n], reference.weight)
+
+
 @pytest.mark.parametrize("max_norm", [None, 0.05])
 def test_gradient_norms_are_recorded_and_clipped_to_the_bound(max_norm):
     model, optimizer = _linear()

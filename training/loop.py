@@ -146,11 +146,13 @@ def run_epochs(
     progress: bool = True,
     max_grad_norm: float | None = None,
     average: TailAverage | None = None,
+    on_step: Callable[[int], object] | None = None,
 ) -> TrainingRun:
     """`epochs` passes over `batches()` (called once per epoch, so a seeded generator it
     draws from gives the same order on every process), one optimiser step per batch; with
     `max_grad_norm` the summed gradient is clipped to that global L2 norm before each step;
-    `average` observes every step and is applied at the end."""
+    `average` observes every step and is applied at the end; `on_step(n)` runs after the
+    n-th step (1-based), for snapshots."""
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 or unset, not {max_grad_norm}")
     w = world()
@@ -184,6 +186,8 @@ def run_epochs(
             if average is not None:
                 average.observe()
             losses.append(total(loss.item(), w))
+            if on_step is not None:
+                on_step(len(losses))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     if average is not None:
         average.apply()

@@ -353,10 +353,12 @@ def train_stage3(
     seed: int,
     progress: bool = True,
     mf_residual: bool = False,
+    on_step: Callable[[int], object] | None = None,
 ) -> dict:
     """Fit tables + projections on `train` (one pass per epoch, length-bucketed batches);
     `mf_residual` (the `sellarec-mf` extension) trains the LLM's logit as a residual on the MF
-    dot product of the same rows, which the tables then also receive gradients through."""
+    dot product of the same rows, which the tables then also receive gradients through;
+    `on_step(n)` runs after the n-th optimiser step (`training.loop.run_epochs`)."""
     encoder = scorer.encoder
     pieces = [split_before_first_slot(encoder, p) for p in row_prompts(scorer.spec, train)]
     uids = torch.as_tensor(train["uid"].to_numpy(copy=True), dtype=torch.long)
@@ -475,6 +477,7 @@ def train_stage3(
         progress=progress,
         max_grad_norm=cfg.max_grad_norm,
         average=average,
+        on_step=on_step,
     )
     # After the run (and its averaging): on the weights the bundle ships.
     finish = levels(labels=labels) if cfg.level_finish and not mf_residual else None
