@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from sellarec.training import assembly
-from sellarec.training.config import VARIANTS, load_config
+from sellarec.training.config import VARIANTS, load_config, parse_sets
 from sellarec.training.data import sample, sample_positions
 from sellarec.training.pipeline import Pipeline, templates
 from sellarec.training.stage3 import train_stage3
@@ -34,11 +34,12 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=Path("runs/ml1m"))
     parser.add_argument("--variant", default="sellarec")
     parser.add_argument("--every", type=int, default=32, help="Snapshot every this many optimiser steps.")
+    parser.add_argument("--at", default="", help="Snapshot at these steps instead (comma-separated).")
     parser.add_argument("--select", type=int, default=500, help="Validation rows outside the report's.")
     parser.add_argument("--out", type=Path, default=Path("runs/curve"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    cfg = load_config(args.config, dict(kv.split("=", 1) for kv in args.set))
+    cfg = load_config(args.config, parse_sets(args.set))
     torch.set_num_threads(cfg.threads)
     variant = VARIANTS[args.variant]
     pipe = Pipeline(cfg, args.run, progress=False)
@@ -51,8 +52,10 @@ def main() -> None:
     modules = [m for m in (tables, scorer.proj_c, scorer.proj_w) if m is not None]
     snapshots: dict[int, list[dict[str, torch.Tensor]]] = {}
 
+    at = {int(x) for x in args.at.split(",") if x}
+
     def snapshot(step: int) -> None:
-        if step % args.every == 0:
+        if (step in at) if at else (step % args.every == 0):
             snapshots[step] = [copy.deepcopy(m.state_dict()) for m in modules]
 
     metrics = train_stage3(scorer, tables, rows, cfg.stage3, cfg.seed, progress=True, on_step=snapshot)
