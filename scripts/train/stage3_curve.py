@@ -9,7 +9,10 @@ pipeline does, snapshots the trained tables and projections every `--every` opti
 writes a bundle of each snapshot and evaluates it on two disjoint validation samples: the
 report's rows (`eval.limit`, `eval.seed`: the numbers docs/results.md compares) and a seeded
 `--select` rows drawn from the rest of validation, on which a checkpoint could be chosen without
-touching the report's rows. Prints one line per snapshot and writes them as JSON to OUT.
+touching the report's rows. Prints one line per snapshot and writes them as JSON to OUT, with a plot
+(OUT/curve.png). The last snapshot is the bundle the pipeline writes (after `stage3.level_finish`
+where set; the earlier ones are before it); `stage3.lora_lr` is refused (the adapter is not
+snapshotted).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     cfg = load_config(args.config, parse_sets(args.set))
+    if cfg.stage3.lora_lr is not None:  # the snapshots hold the tables and projections, not the adapter
+        parser.error("stage3.lora_lr trains the adapter too: its snapshots are not taken here")
     torch.set_num_threads(cfg.threads)
     variant = VARIANTS[args.variant]
     pipe = Pipeline(cfg, args.run, progress=False)
@@ -51,7 +56,6 @@ def main() -> None:
 
     modules = [m for m in (tables, scorer.proj_c, scorer.proj_w) if m is not None]
     snapshots: dict[int, list[dict[str, torch.Tensor]]] = {}
-
     at = {int(x) for x in args.at.split(",") if x}
 
     def snapshot(step: int) -> None:
@@ -91,6 +95,26 @@ def main() -> None:
     (args.out / "curve.json").write_text(
         json.dumps({"losses": metrics["losses"], "snapshots": lines}, indent=1)
     )
+    plot(lines, f"{args.variant}, seed {cfg.seed}", args.out / "curve.png")
+
+
+def plot(lines: list[dict], title: str, path: Path) -> None:
+    """Validation AUC of each snapshot against its step, on both samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [line["step"] for line in lines]
+    for name, label in (("report", "the report's rows"), ("select", "the selection rows")):
+        ax.plot(steps, [line[f"{name}_auc"] for line in lines], marker="o", label=label)
+    ax.set(xlabel="stage-3 optimiser step", ylabel="validation AUC", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
