@@ -105,20 +105,13 @@ def test_spearman_of_a_ranking_and_its_reverse():
     assert spearman(a, -a) == pytest.approx(-1.0)
 
 
+#: The benchmark on the tiny random architecture with the built-in tokenizer (no download).
+TINY = ["--arch", "tiny", "--tokenizer", "builtin"]
+
+
 def test_bench_runs_every_path_on_a_tiny_model(tmp_path):
     out, figure = tmp_path / "bench.json", tmp_path / "bench.png"
-    args = [
-        "--arch",
-        "tiny",
-        "--tokenizer",
-        "builtin",
-        "--candidates",
-        "1,5",
-        "--reps",
-        "1",
-        "--min-seconds",
-        "0",
-    ]
+    args = [*TINY, "--candidates", "1,5", "--reps", "1", "--min-seconds", "0"]
     result = CliRunner().invoke(
         _app(bench), [*args, "--naive-max", "1", "--out", str(out), "--plot", str(figure)]
     )
@@ -135,7 +128,7 @@ def test_bench_runs_every_path_on_a_tiny_model(tmp_path):
 
 def test_a_returning_user_is_timed_on_the_prefix_its_earlier_request_left(tmp_path):
     out = tmp_path / "bench.json"
-    args = ["--arch", "tiny", "--tokenizer", "builtin", "--candidates", "1,5", "--reps", "2", "--no-naive"]
+    args = [*TINY, "--candidates", "1,5", "--reps", "2", "--no-naive"]
     result = CliRunner().invoke(_app(bench), [*args, "--returning-user", "--out", str(out)])
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
@@ -150,19 +143,7 @@ def test_a_returning_user_is_timed_on_the_prefix_its_earlier_request_left(tmp_pa
 
 def test_without_returning_users_the_engine_keeps_no_prefix(tmp_path):
     out = tmp_path / "bench.json"
-    args = [
-        "--arch",
-        "tiny",
-        "--tokenizer",
-        "builtin",
-        "--candidates",
-        "1",
-        "--reps",
-        "1",
-        "--no-naive",
-        "--min-seconds",
-        "0",
-    ]
+    args = [*TINY, "--candidates", "1", "--reps", "1", "--no-naive", "--min-seconds", "0"]
     assert CliRunner().invoke(_app(bench), [*args, "--out", str(out)]).exit_code == 0
     assert json.loads(out.read_text())["engine_prefix_cache"] == {"hits": 0, "misses": 0}
 
