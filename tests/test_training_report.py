@@ -369,3 +369,22 @@ def test_not_yet_run_lists_the_missing_paper_variants_and_no_extension(doc):
     section = doc.split("## Not yet run")[1].split("\n## ")[0]
     assert "sellarec-train run tallrec " in section
     assert "sellarec-mf" not in section  # an extension is run by choice, never awaited
+
+
+def test_the_bootstrap_of_two_score_arrays_is_the_bootstrap_of_their_result_files(tmp_path):
+    from sellarec.training.report.stats import paired_bootstrap, paired_bootstrap_scores
+
+    rng = np.random.default_rng(0)
+    uid, iid = rng.integers(0, 12, 200), np.arange(200)
+    label = rng.integers(0, 2, 200)
+    a, b = label + rng.normal(size=200), rng.normal(size=200)
+    results = []
+    for name, scores in (("a", a), ("b", b)):
+        path = tmp_path / f"{name}.safetensors"
+        columns = {"uid": uid, "iid": iid, "label": label, "scores": scores.astype(np.float32)}
+        save_file({k: torch.as_tensor(v) for k, v in columns.items()}, path)
+        results.append({"valid": {"scores": str(path)}})
+    from_files = paired_bootstrap(*results, 50)
+    from_arrays = paired_bootstrap_scores(uid, label, a.astype(np.float32), b.astype(np.float32), 50)
+    assert from_arrays == from_files
+    assert from_arrays["auc"]["diff"] > 0.1  # a reads the labels, b is noise

@@ -51,7 +51,7 @@ from sellarec.training.batches import row_prompts
 from sellarec.training.config import load_config, parse_sets
 from sellarec.training.data import Dataset, sample
 from sellarec.training.evaluate import metrics
-from sellarec.training.report.stats import paired_bootstrap
+from sellarec.training.report.stats import paired_bootstrap_scores
 from sellarec.training.stage2 import train_stage2
 
 
@@ -66,6 +66,12 @@ def features(scorer: SellaRec, frame, batch: int, progress: bool) -> np.ndarray:
         rows = order[start : start + batch]
         out[rows] = scorer.last_hidden([encoded[r] for r in rows]).float().numpy()
     return out
+
+
+def row_ids(frame) -> torch.Tensor:
+    """[n, 3] (uid, iid, timestamp) of each row: what a features file is checked against."""
+    ids = frame[["uid", "iid", "timestamp"]].to_numpy()
+    return torch.as_tensor(np.ascontiguousarray(ids, dtype=np.int64))
 
 
 def held_out_mf_logits(cfg, data: Dataset, frames, progress: bool) -> list[np.ndarray]:
@@ -90,17 +96,6 @@ def fitted(x_train: np.ndarray, y_train: np.ndarray):
 
 def cv_auc(probe) -> float:
     return float(probe[-1].scores_[1].mean(axis=0).max())
-
-
-def paired(valid, a: np.ndarray, b: np.ndarray, tmp: Path) -> dict:
-    """Paired bootstrap over users of a - b (the report's own, from score files)."""
-    files = []
-    for name, scores in (("a", a), ("b", b)):
-        path = tmp / f"{name}.safetensors"
-        columns = {k: torch.as_tensor(valid[k].to_numpy()) for k in ("uid", "iid", "label")}
-        save_file(columns | {"scores": torch.as_tensor(scores, dtype=torch.float32)}, path)
-        files.append({"valid": {"scores": str(path)}})
-    return paired_bootstrap(*files, 2000)
 
 
 def main() -> None:
@@ -134,16 +129,20 @@ def main() -> None:
     )
     scorer = SellaRec(model, tokenizer, spec).eval()
     start = time.perf_counter()
+    splits = (("train", train), ("valid", valid))
     if args.features and args.features.exists():  # this script's own earlier forward of the same rows
         cached = load_file(args.features)
-        x_train, x_valid = cached["train"].numpy(), cached["valid"].numpy()
-        if len(x_train) != len(train) or len(x_valid) != len(valid):
+        if any(not torch.equal(cached[f"{name}.rows"], row_ids(f)) for name, f in splits):
             raise SystemExit(f"{args.features} holds other rows; delete it or name another file")
+        x_train, x_valid = cached["train"].numpy(), cached["valid"].numpy()
     else:
         x_train = features(scorer, train, args.batch, not args.no_progress)
         x_valid = features(scorer, valid, args.batch, not args.no_progress)
         if args.features:
-            save_file({"train": torch.from_numpy(x_train), "valid": torch.from_numpy(x_valid)}, args.features)
+            rows = {f"{name}.rows": row_ids(f) for name, f in splits}
+            save_file(
+                {"train": torch.from_numpy(x_train), "valid": torch.from_numpy(x_valid)} | rows, args.features
+            )
     seconds = time.perf_counter() - start
     with torch.no_grad():  # the zero-shot score, l_yes - l_no, from the same hidden states
         zero_shot = scorer.head(torch.from_numpy(x_valid)).numpy()
@@ -173,13 +172,14 @@ def main() -> None:
         )
         both = fitted(np.column_stack([mf_train, text_oof]), y_train)
         both_valid = both.decision_function(np.column_stack([mf_valid, probe.decision_function(x_valid)]))
-        with tempfile.TemporaryDirectory() as tmp:
-            result["mf_held_out"] = metrics(valid, mf_valid)
-            result["mf_held_out_train_auc"] = metrics(train, mf_train)["auc"]
-            result["mf_and_text"] = metrics(valid, both_valid)
-            result["mf_and_text_cv_auc_train"] = cv_auc(both)
-            result["mf_and_text_weights"] = [float(w) for w in both[-1].coef_[0]]
-            result["mf_and_text_minus_mf"] = paired(valid, both_valid, mf_valid, Path(tmp))
+        result["mf_held_out"] = metrics(valid, mf_valid)
+        result["mf_held_out_train_auc"] = metrics(train, mf_train)["auc"]
+        result["mf_and_text"] = metrics(valid, both_valid)
+        result["mf_and_text_cv_auc_train"] = cv_auc(both)
+        result["mf_and_text_weights"] = [float(w) for w in both[-1].coef_[0]]
+        result["mf_and_text_minus_mf"] = paired_bootstrap_scores(
+            valid["uid"].to_numpy(), valid["label"].to_numpy(), both_valid, mf_valid, 2000
+        )
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

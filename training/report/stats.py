@@ -25,11 +25,19 @@ class _Paired:
 
     @classmethod
     def of(cls, a: dict, b: dict) -> _Paired:
+        """From two results' score files (checked to hold the same rows)."""
         sa, sb = load_file(a["valid"]["scores"]), load_file(b["valid"]["scores"])
         if not (torch.equal(sa["uid"], sb["uid"]) and torch.equal(sa["iid"], sb["iid"])):
             raise ValueError("the variants were evaluated on different rows; pairing needs the same rows")
-        uid, label = sa["uid"].numpy(), sa["label"].numpy()
-        score_a, score_b = sa["scores"].numpy(), sb["scores"].numpy()
+        return cls.of_scores(
+            sa["uid"].numpy(), sa["label"].numpy(), sa["scores"].numpy(), sb["scores"].numpy()
+        )
+
+    @classmethod
+    def of_scores(
+        cls, uid: np.ndarray, label: np.ndarray, score_a: np.ndarray, score_b: np.ndarray
+    ) -> _Paired:
+        """From two score arrays over the same rows."""
         _, inverse = np.unique(uid, return_inverse=True)
         rows_of = [np.flatnonzero(inverse == k) for k in range(int(inverse.max(initial=-1)) + 1)]
         per_user = np.full(len(rows_of), np.nan)
@@ -57,12 +65,22 @@ def paired_difference(a: dict, b: dict) -> dict[str, float]:
 
 def paired_bootstrap(a: dict, b: dict, resamples: int, seed: int = 0) -> dict:
     """Differences a - b of AUC and UAUC with 95% percentile intervals, resampling users
-    (all rows of a drawn user go in together), on the shared validation sample.
+    (all rows of a drawn user go in together), on the shared validation sample of two results.
 
     UAUC of a resample is the mean per-user AUC over the drawn users (with multiplicity)
     that hold both classes, so per-user AUCs are computed once.
     """
-    paired = _Paired.of(a, b)
+    return _bootstrap(_Paired.of(a, b), resamples, seed)
+
+
+def paired_bootstrap_scores(
+    uid: np.ndarray, label: np.ndarray, a: np.ndarray, b: np.ndarray, resamples: int, seed: int = 0
+) -> dict:
+    """`paired_bootstrap` of two score arrays over the same rows (users `uid`, labels `label`)."""
+    return _bootstrap(_Paired.of_scores(uid, label, a, b), resamples, seed)
+
+
+def _bootstrap(paired: _Paired, resamples: int, seed: int) -> dict:
     users = len(paired.rows_of)
     rng = np.random.default_rng(seed)
     diffs: dict[str, list[float]] = {"auc": [], "uauc": []}
