@@ -8,6 +8,13 @@ plain PyTorch, through the kernels that `torch.compile`'s own CPU freezing pass 
 (`mkldnn::_reorder_linear_weight` once, `mkldnn::_linear_pointwise` per call), and fuses
 the SwiGLU gate (`silu(gate(x)) * up(x)`) into two oneDNN post-ops.
 
+The scorer reads the last layer's output at one token per prompt (the answer position),
+and a prefix's forward reads none of it (only its keys/values). So the last layer's
+query projection, output projection and MLP, which act on each token alone, run on the
+rows the forward reads (`reading_rows`, set by the scorer) and leave zeros elsewhere: a
+thirtieth of SmolLM2's linear work, of any decoder's 1/layers. Keys and values still run
+on every token, and attention still sees all of them.
+
 Serving only: the model is frozen and its LoRA merged. Packing happens in place (no second
 copy of the weights); `state_dict()` still yields the dense `weight` of every packed
 layer, so `save_pretrained` and the vLLM export keep working. `enable` checks the packed
@@ -18,7 +25,10 @@ wrongly.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +39,33 @@ log = logging.getLogger(__name__)
 
 #: Largest relative difference (to the probe's largest hidden value) that counts as the same forward.
 PROBE_TOLERANCE = 1e-4
+
+
+_READ_ROWS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("read_rows", default=None)
+
+
+@contextlib.contextmanager
+def reading_rows(rows: torch.Tensor | None) -> Iterator[None]:
+    """Within: the forward reads the last layer's output only at `rows`, flat indices into
+    its [batch * tokens] rows (empty: at none). None: at every row (the default)."""
+    token = _READ_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _READ_ROWS.reset(token)
+
+
+def _on_read_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, width: int) -> torch.Tensor:
+    """`fn` (a token-wise map to `width` features) on the rows the forward reads, zeros on
+    the others."""
+    rows = _READ_ROWS.get()
+    flat = x.reshape(-1, x.shape[-1])
+    if rows is None or (len(rows) and int(rows.max()) >= flat.shape[0]):
+        return fn(x)  # not told, or told of another forward's rows: every row
+    out = flat.new_zeros(flat.shape[0], width)
+    if len(rows):
+        out.index_copy_(0, rows, fn(flat.index_select(0, rows)))
+    return out.view(*x.shape[:-1], width)
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -46,6 +83,8 @@ class PackedLinear(nn.Module):
         #: The weight, reordered for oneDNN (an opaque `_mkldnn` tensor; dense again in state_dict).
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        #: Whether only the rows the forward reads are computed (`reading_rows`): last layer only.
+        self.read_rows_only = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> PackedLinear:
@@ -60,6 +99,11 @@ class PackedLinear(nn.Module):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.read_rows_only:
+            return _on_read_rows(self._linear, x, self.out_features)
+        return self._linear(x)
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
@@ -108,8 +152,15 @@ class PackedSwiGLU(nn.Module):
         self.gate_proj = gate_proj
         self.up_proj = up_proj
         self.down_proj = down_proj
+        #: As `PackedLinear.read_rows_only`.
+        self.read_rows_only = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.read_rows_only:
+            return _on_read_rows(self._mlp, x, self.down_proj.out_features)
+        return self._mlp(x)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj, self.up_proj
         act = torch.ops.mkldnn._linear_pointwise(x, gate.packed, gate.bias, "swish", [], "")
         hidden = torch.ops.mkldnn._linear_pointwise.binary(x, act, up.packed, up.bias, "mul")
@@ -124,6 +175,8 @@ class FastPath:
     linears: int = 0
     #: Gated MLPs now fused.
     mlps: int = 0
+    #: Modules of the last layer that compute only the rows a forward reads.
+    read_rows_only: int = 0
 
     @property
     def active(self) -> bool:
@@ -158,10 +211,27 @@ def _pack(module: nn.Module, fuse_mlp: bool) -> list[tuple[nn.Module, str, nn.Mo
     return replaced
 
 
-def _probe(decoder: nn.Module, width: int) -> torch.Tensor:
+def _probe(decoder: nn.Module, width: int, read: torch.Tensor | None = None) -> torch.Tensor:
+    """The last hidden states of a fixed random input (`read`: of its rows the forward reads)."""
     embeds = torch.randn(2, 16, width, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        return decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state.float()
+    with torch.inference_mode(), reading_rows(read):
+        hidden = decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state.float()
+    return hidden if read is None else hidden.reshape(-1, width).index_select(0, read)
+
+
+def _difference(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
+
+
+def _last_layer_row_wise(decoder: nn.Module) -> list[nn.Module]:
+    """The last layer's packed query and output projections and MLP (each acts on a token alone)."""
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        return []
+    last = layers[-1]
+    attention = getattr(last, "self_attn", None)
+    found = [getattr(attention, name, None) for name in ("q_proj", "o_proj")] + [getattr(last, "mlp", None)]
+    return [m for m in found if isinstance(m, PackedLinear | PackedSwiGLU)]
 
 
 def enable(decoder: nn.Module, hidden_size: int, fuse_mlp: bool = True) -> FastPath:
@@ -178,8 +248,7 @@ def enable(decoder: nn.Module, hidden_size: int, fuse_mlp: bool = True) -> FastP
     if not replaced:
         return FastPath()
     try:
-        got = _probe(decoder, hidden_size)
-        error = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
+        error = _difference(_probe(decoder, hidden_size), want)
         problem = None if error <= PROBE_TOLERANCE else f"it differs by {error:.2e} on a probe"
     except Exception as err:  # noqa: BLE001 - any failure means: not an architecture this fits
         problem = f"it failed on a probe ({err})"
@@ -191,9 +260,37 @@ def enable(decoder: nn.Module, hidden_size: int, fuse_mlp: bool = True) -> FastP
     done = FastPath(
         linears=sum(3 if isinstance(m, PackedSwiGLU) else 1 for m in _modules(replaced)),
         mlps=sum(isinstance(m, PackedSwiGLU) for m in _modules(replaced)),
+        read_rows_only=_skip_unread_rows(decoder, hidden_size, want),
     )
-    log.info("CPU fast path: %d linear layers packed for oneDNN, %d MLPs fused", done.linears, done.mlps)
+    log.info(
+        "CPU fast path: %d linear layers packed for oneDNN, %d MLPs fused, %d last-layer modules "
+        "on read rows only",
+        done.linears,
+        done.mlps,
+        done.read_rows_only,
+    )
     return done
+
+
+def _skip_unread_rows(decoder: nn.Module, hidden_size: int, want: torch.Tensor) -> int:
+    """Let the last layer's row-wise modules compute only the rows a forward reads, if the
+    probe's read rows (each sequence's last token) come out the same; returns their number."""
+    modules = _last_layer_row_wise(decoder)
+    for m in modules:
+        m.read_rows_only = True
+    read = torch.tensor([15, 31])  # the probe's two sequences of 16: their last tokens
+    try:
+        error = _difference(_probe(decoder, hidden_size, read), want.reshape(-1, hidden_size)[read])
+    except Exception as err:  # noqa: BLE001 - any failure means: keep computing every row
+        error, reason = float("inf"), f"it failed on a probe ({err})"
+    else:
+        reason = f"it differs by {error:.2e} on a probe"
+    if error > PROBE_TOLERANCE:
+        for m in modules:
+            m.read_rows_only = False
+        log.warning("last layer kept on every row: %s", reason)
+        return 0
+    return len(modules)
 
 
 def _modules(replaced: list[tuple[nn.Module, str, nn.Module]]) -> list[nn.Module]:

@@ -141,20 +141,25 @@ def _cpu_flash(
     """The same merge on CPU with PyTorch's flash kernel, which also returns the log-sum-exp.
 
     Two fused attention calls (prefix, then causal suffix) and a log-sum-exp merge on
-    [N, H, S] tensors: no [N, H, S, P] score tensor is ever written to memory.
+    [N, H, S] tensors: no [N, H, S, P] score tensor is ever written to memory. Both calls
+    take the query heads grouped by the key/value head they share ([.., KV, G * S, d]), so
+    the keys/values are never repeated per query head: in the suffix call a causal mask
+    tiled G times does what `is_causal` does per head, with a third of the kernel's
+    per-head work items (the suffix blocks are tiny: their count is what costs).
     """
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     n, heads, s, d = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     scale = scaling if scaling is not None else d**-0.5
-    out = torch.empty_like(query)
+    above = torch.ones(s, s, dtype=torch.bool, device=query.device).triu(1)
+    causal = torch.zeros(s, s, dtype=query.dtype, device=query.device).masked_fill(above, float("-inf"))
+    causal_tiled = causal.repeat(groups, 1)[None, None]  # row g * S + t is query t of group g
+    out = torch.empty(n, kv_heads, groups * s, d, dtype=query.dtype, device=query.device)
     for row, start, end in prefix.runs:
         m = end - start
-        q = query[start:end]
-        q_folded = (
-            q.reshape(m, kv_heads, groups * s, d).transpose(0, 1).reshape(1, kv_heads, m * groups * s, d)
-        )
+        q = query[start:end].reshape(m, kv_heads, groups * s, d)  # q head h uses kv head h // groups
+        q_folded = q.transpose(0, 1).reshape(1, kv_heads, m * groups * s, d)
         bias = None
         if prefix.padded:
             bias = torch.zeros(prefix.key_mask.shape[1], dtype=query.dtype, device=query.device)
@@ -168,15 +173,14 @@ def _cpu_flash(
             attn_mask=bias,
             scale=scale,
         )
-        o_p = o_p.view(kv_heads, m, heads // kv_heads * s, d).transpose(0, 1).reshape(m, heads, s, d)
-        lse_p = lse_p.view(kv_heads, m, groups * s).transpose(0, 1).reshape(m, heads, s)
-        k_s = key[start:end].repeat_interleave(groups, dim=1)
-        v_s = value[start:end].repeat_interleave(groups, dim=1)
-        o_s, lse_s = flash(q, k_s, v_s, 0.0, True, scale=scale)
+        o_p = o_p.view(kv_heads, m, groups * s, d).transpose(0, 1)  # [m, KV, G*S, d]
+        lse_p = lse_p.view(kv_heads, m, groups * s).transpose(0, 1)
+        k_s, v_s = key[start:end], value[start:end]
+        o_s, lse_s = flash(q, k_s, v_s, 0.0, False, attn_mask=causal_tiled, scale=scale)
         lse = torch.logaddexp(lse_p, lse_s)
         w_p, w_s = torch.exp(lse_p - lse)[..., None], torch.exp(lse_s - lse)[..., None]
         out[start:end] = (o_p.float() * w_p + o_s.float() * w_s).to(query.dtype)
-    return out.transpose(1, 2).contiguous(), None
+    return out.view(n, heads, s, d).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(NAME, shared_prefix_attention)

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from sellarec.model import prefix_attention
+from sellarec.model import fast_path, prefix_attention
 from sellarec.model.collab import CollabProjector, SemanticProjector, soft_vectors
 from sellarec.model.encoding import Encoded, PromptEncoder, Side, pad
 from sellarec.model.prompts import Slot, TemplateSpec, distillation_prompt
@@ -44,6 +44,16 @@ class PrefixState:
 def _at_last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B, d] rows of right-padded `hidden` [B, T, d] at each row's last real token."""
     return hidden[torch.arange(len(mask), device=hidden.device), mask.sum(1) - 1]
+
+
+def _last_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices, in the [B * T] rows of a right-padded forward, of each row's last token:
+    the only rows whose final hidden state the scorer reads (`fast_path.reading_rows`)."""
+    return torch.arange(len(mask), device=mask.device) * mask.shape[1] + mask.sum(1) - 1
+
+
+#: A forward whose hidden states are not read at all (its keys/values are).
+_NO_ROWS = torch.empty(0, dtype=torch.long)
 
 
 def row_state(state: PrefixState, row: int) -> PrefixState:
@@ -152,8 +162,9 @@ class SellaRec(nn.Module):
     def last_hidden(self, encoded: Sequence[Encoded], vectors: torch.Tensor | None = None) -> torch.Tensor:
         """[B, d_L] final hidden state at each prompt's last token (right-padded batch)."""
         embeds, mask = self._inputs(encoded, vectors)
-        hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-        return _at_last_token(hidden, mask)
+        with fast_path.reading_rows(_last_rows(mask)):
+            out = self.decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+        return _at_last_token(out.last_hidden_state, mask)
 
     def score(self, encoded: Sequence[Encoded], vectors: torch.Tensor | None = None) -> torch.Tensor:
         """[B] logits of P(Yes) for whole prompts (`vectors`: [B, 3, d_L] or None)."""
@@ -166,13 +177,14 @@ class SellaRec(nn.Module):
         embeds, mask = self._inputs(prefixes, vectors, side="left")
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.causal_lm.config)
-        self.decoder(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
+        with fast_path.reading_rows(_NO_ROWS.to(self.device)):
+            self.decoder(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         return PrefixState(layers=layers, mask=mask, lengths=mask.sum(1))
 
@@ -190,7 +202,7 @@ class SellaRec(nn.Module):
         """
         rows = rows.to(self.device)
         embeds, mask = self._inputs(pieces, vectors)
-        _, cache, full_mask = self._continue_copied(state, rows, embeds, mask)
+        _, cache, full_mask = self._continue_copied(state, rows, embeds, mask, _NO_ROWS.to(self.device))
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         lengths = state.lengths.index_select(0, rows) + mask.sum(1)
         return PrefixState(layers=layers, mask=full_mask, lengths=lengths)
@@ -219,34 +231,41 @@ class SellaRec(nn.Module):
                 padded=bool((state.mask == 0).any()),
                 kept=kept,
             )
-            with prefix_attention.sharing(config, shared):
+            with prefix_attention.sharing(config, shared), fast_path.reading_rows(_last_rows(mask)):
                 hidden = self.decoder(
                     inputs_embeds=embeds, position_ids=_positions_after(state, rows, mask), use_cache=False
                 ).last_hidden_state
         else:  # replicate the prefix keys/values per candidate (any architecture)
-            hidden, cache, _ = self._continue_copied(state, rows, embeds, mask)
+            hidden, cache, _ = self._continue_copied(state, rows, embeds, mask, _last_rows(mask))
             if kept is not None:
                 width = state.mask.shape[1]
                 kept += [(layer.keys[:, :, width:], layer.values[:, :, width:]) for layer in cache.layers]
         return _at_last_token(hidden, mask)
 
     def _continue_copied(
-        self, state: PrefixState, rows: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor
+        self,
+        state: PrefixState,
+        rows: torch.Tensor,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        read: torch.Tensor,
     ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
         """The decoder over `embeds` after prefix `rows[n]`, its keys/values copied per row:
-        (hidden states, the grown cache, the mask over prefix and continuation)."""
+        (hidden states, the grown cache, the mask over prefix and continuation). The hidden
+        states are read only at the flat rows `read` (`fast_path.reading_rows`)."""
         cache = DynamicCache(
             ddp_cache_data=[(k.index_select(0, rows), v.index_select(0, rows)) for k, v in state.layers],
             config=self.causal_lm.config,
         )
         full_mask = torch.cat([state.mask.index_select(0, rows), mask], dim=1)
-        hidden = self.decoder(
-            inputs_embeds=embeds,
-            attention_mask=full_mask,
-            position_ids=_positions_after(state, rows, mask),
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state
+        with fast_path.reading_rows(read):
+            hidden = self.decoder(
+                inputs_embeds=embeds,
+                attention_mask=full_mask,
+                position_ids=_positions_after(state, rows, mask),
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state
         return hidden, cache, full_mask
 
     def score_suffixes(

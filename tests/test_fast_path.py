@@ -91,6 +91,56 @@ def test_distillation_matches_the_plain_model(bundle_scorers):
     torch.testing.assert_close(backend.distill(prompts), want, rtol=0, atol=1e-4)
 
 
+def _rows_computed(module: nn.Module) -> list[int]:
+    """Rows (tokens) that each call of the packed `module` computes, recorded from now on."""
+    seen: list[int] = []
+    inner = module._mlp if isinstance(module, fast_path.PackedSwiGLU) else module._linear
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return inner(x)
+
+    if isinstance(module, fast_path.PackedSwiGLU):
+        module._mlp = recording
+    else:
+        module._linear = recording
+    return seen
+
+
+def test_the_last_layer_computes_only_the_rows_the_scorer_reads(tiny_bundle_dir):
+    """One row per candidate through the last layer's query and output projections and MLP,
+    every token through the layers before it (whose keys/values the last layer attends to)."""
+    reference = load_scorer(tiny_bundle_dir).scorer
+    backend = TorchBackend(load_scorer(tiny_bundle_dir).scorer)
+    assert backend.fast_path.read_rows_only == 3
+    layers = backend.scorer.decoder.layers
+    attention = layers[-1].self_attn
+    last = [_rows_computed(m) for m in (attention.q_proj, attention.o_proj, layers[-1].mlp)]
+    keys, earlier = _rows_computed(attention.k_proj), _rows_computed(layers[-2].mlp)
+    batch = _batch(reference, CANDIDATES, HISTORIES[:2])  # 4 candidates of one user, 1 of another
+    got = torch.from_numpy(backend.score(*batch))
+    torch.testing.assert_close(got, _reference(reference, *batch), rtol=0, atol=1e-4)
+    candidates = len(batch[3])
+    assert [sum(rows) for rows in last] == [candidates] * 3  # the prefix's forward computes none
+    assert sum(keys) == sum(earlier) > 4 * candidates
+
+
+def test_the_last_layer_keeps_every_row_where_the_probe_disagrees(monkeypatch):
+    """Where computing only the read rows changes them (here: made to), every row is computed."""
+    model = random_backbone(factories.tiny_qwen2_config(), seed=1)
+    embeds = torch.randn(2, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = model.get_decoder()(inputs_embeds=embeds).last_hidden_state
+    wrong = fast_path._on_read_rows
+    monkeypatch.setattr(fast_path, "_on_read_rows", lambda fn, x, width: 2 * wrong(fn, x, width))
+    done = fast_path.enable(model.get_decoder(), model.config.hidden_size)
+    assert done.active and done.read_rows_only == 0
+    assert not any(m.read_rows_only for m in fast_path._last_layer_row_wise(model.get_decoder()))
+    with torch.inference_mode(), fast_path.reading_rows(torch.tensor([4, 9])):
+        got = model.get_decoder()(inputs_embeds=embeds).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
 def test_checkpoint_is_unchanged_by_packing(tmp_path):
     model = random_backbone(factories.tiny_qwen2_config(), seed=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
