@@ -145,7 +145,9 @@ def _cpu_flash(
     take the query heads grouped by the key/value head they share ([.., KV, G * S, d]), so
     the keys/values are never repeated per query head: in the suffix call a causal mask
     tiled G times does what `is_causal` does per head, with a third of the kernel's
-    per-head work items (the suffix blocks are tiny: their count is what costs).
+    per-head work items (the suffix blocks are tiny: their count is what costs). A prefix
+    with a single suffix (one candidate) takes one call over its keys and the suffix's,
+    with no merge.
     """
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     n, heads, s, d = query.shape
@@ -159,11 +161,23 @@ def _cpu_flash(
     for row, start, end in prefix.runs:
         m = end - start
         q = query[start:end].reshape(m, kv_heads, groups * s, d)  # q head h uses kv head h // groups
-        q_folded = q.transpose(0, 1).reshape(1, kv_heads, m * groups * s, d)
         bias = None
         if prefix.padded:
             bias = torch.zeros(prefix.key_mask.shape[1], dtype=query.dtype, device=query.device)
             bias = bias.masked_fill(~prefix.key_mask[row], float("-inf"))[None, None, None, :]
+        if m == 1:  # one suffix: one call over its prefix and itself (copying one prefix costs less)
+            keys = torch.cat([k_prefix[row : row + 1], key[start:end]], 2)
+            values = torch.cat([v_prefix[row : row + 1], value[start:end]], 2)
+            width = k_prefix.shape[2]
+            head = (
+                bias.expand(1, 1, groups * s, width)
+                if bias is not None
+                else causal_tiled.new_zeros(1, 1, groups * s, width)
+            )
+            mask = torch.cat([head, causal_tiled], -1)
+            out[start:end] = flash(q, keys, values, 0.0, False, attn_mask=mask, scale=scale)[0]
+            continue
+        q_folded = q.transpose(0, 1).reshape(1, kv_heads, m * groups * s, d)
         o_p, lse_p = flash(
             q_folded,
             k_prefix[row : row + 1],

@@ -70,12 +70,14 @@ def test_padded_batch_equals_one_prompt_at_a_time(scorer):
     torch.testing.assert_close(batch, single, rtol=0, atol=1e-5)
 
 
-def test_shared_prefix_path_equals_plain_forward(scorer):
-    """Two users with different prefix lengths, several candidates each."""
+@pytest.mark.parametrize("rows", [[0, 0, 0, 1, 1], [0, 1, 1, 0, 1]])
+def test_shared_prefix_path_equals_plain_forward(scorer, rows):
+    """Two users with different prefix lengths (so one prefix is padded), several candidates
+    each, in runs of several (one call per prefix) or of one (one call over prefix and suffix)."""
     spec = scorer.spec
     prefixes = [scorer.encoder.split(scoring_prompt(spec, h, "x"))[0] for h in HISTORIES[:2]]
     user_vectors = _vectors(scorer, 2, seed=3)
-    rows = torch.tensor([0, 0, 0, 1, 1])
+    rows = torch.tensor(rows)
     titles = [
         "Alien (1979)",
         "Jumanji",
