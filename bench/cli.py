@@ -16,7 +16,10 @@
   log-probabilities). Before every timed request its prefix cache is emptied and then given
   the instruction by another user's request (untimed), as a server's cache holds it under
   traffic; `--no-vllm-head-cached` leaves it empty. On CPU its worker gets the same number
-  of threads as the engine (`--threads`);
+  of threads as the engine (`--threads`). At each size the engine and vLLM take turns
+  (`--rounds`, each turn a share of `--min-seconds`), so that a machine drifting over
+  minutes slows both alike; while our paths (and the matmul probe) run, vLLM's processes
+  are stopped (SIGSTOP: idle, they poll, and took about a fifth of the engine's rate);
 - `--returning-user`: each timed request comes from a user who sent an earlier request (one
   other candidate, untimed): the engine's prefix cache (`service/backends/prefix_cache.py`)
   and vLLM's hold that user's prefix; the roofline then counts no prefix FLOPs;
@@ -32,17 +35,20 @@ builds a randomly initialised model of that architecture for speed runs (bench/w
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
 import torch
 import typer
 from rich.console import Console
@@ -254,15 +260,21 @@ def run_case(
     flops: float,
     returning: bool = False,
     min_seconds: float = 0.0,
+    peer: VllmBackend | None = None,
+    vllm_head_cached: bool = True,
+    rounds: int = 1,
+    paused: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
 ) -> Case:
-    """Time one rerank size on our paths; `scorer` is the plain model (the naive path's).
+    """Time one rerank size on our paths and, with a `peer`, on vLLM; `scorer` is the plain
+    model (the naive path's).
 
-    vLLM is timed afterwards (`with_vllm`), once these timings are done: its engine-core and
-    worker processes, idle between its requests, took about a fifth of the engine's rate at
-    one candidate when they were alive beside it (docs/performance.md).
+    The engine and vLLM take turns, `rounds` times, each turn a share of `min_seconds`, so
+    that a machine that drifts over minutes slows both alike; our paths run inside
+    `paused()`, which stops vLLM's processes (idle, they poll: beside the engine they took
+    about a fifth of its rate at one candidate, docs/performance.md).
 
     `returning`: each timed request comes from a user whose earlier request (another
-    candidate, untimed) the backend's prefix cache kept, as vLLM's keeps it (`with_vllm`).
+    candidate, untimed) the backend's prefix cache kept, as vLLM's keeps it.
     """
     device = scorer.device
     req = Request.of(scorer, n)
@@ -272,14 +284,24 @@ def run_case(
         backend.score([req.prefix], req.user_vec, [0] * n, req.suffixes, req.item_vec)
 
     setup = _earlier_request(scorer, req, backend.score, backend.prefix_cache.clear) if returning else None
-    engine_times = _timed(engine, device, reps, setup=setup, min_seconds=min_seconds)
     naive_times = None
     if naive:
-        naive_times = _timed(
-            lambda: naive_scores(scorer, req.history, req.cands, naive_batch), device, max(1, reps // 2)
-        )
+        with paused():
+            naive_times = _timed(
+                lambda: naive_scores(scorer, req.history, req.cands, naive_batch), device, max(1, reps // 2)
+            )
+    vllm_calls = _vllm_calls(scorer, req, peer, vllm_head_cached, returning) if peer is not None else None
+    engine_times: list[float] = []
+    vllm_times: list[float] = []
+    for _ in range(rounds):
+        with paused():
+            engine_times += _timed(engine, device, reps, setup=setup, min_seconds=min_seconds / rounds)
+        if vllm_calls is not None:
+            request, vllm_setup = vllm_calls
+            vllm_times += _timed(request, device, reps, setup=vllm_setup, min_seconds=min_seconds / rounds)
     engine_rate = n / min(engine_times)
     naive_rate = n / min(naive_times) if naive_times else None
+    vllm_rate = n / min(vllm_times) if vllm_times else None
     cached = len(req.prefix) if returning else backend.head.length if backend.head.usable([req.prefix]) else 0
     roofline = flops / candidate_flops(scorer.backbone, len(req.prefix), suffix_len, n, cached)
     return Case(
@@ -288,15 +310,16 @@ def run_case(
         suffix_tokens=round(suffix_len, 1),
         naive_per_s=naive_rate,
         naive_p50_ms=_p50_ms(naive_times),
-        vllm_per_s=None,
-        vllm_p50_ms=None,
+        vllm_per_s=vllm_rate,
+        vllm_p50_ms=_p50_ms(vllm_times),
         engine_per_s=engine_rate,
         engine_p50_ms=_p50_ms(engine_times) or 0.0,
         roofline_per_s=roofline,
         engine_vs_naive=engine_rate / naive_rate if naive_rate else None,
-        engine_vs_vllm=None,
+        engine_vs_vllm=engine_rate / vllm_rate if vllm_rate else None,
         engine_vs_roofline=engine_rate / roofline,
         engine_requests=len(engine_times),
+        vllm_requests=len(vllm_times) if vllm_times else None,
     )
 
 
@@ -316,22 +339,14 @@ def _earlier_request(
     return setup
 
 
-def with_vllm(
-    case: Case,
-    scorer: SellaRec,
-    peer: VllmBackend,
-    reps: int,
-    head_cached: bool = True,
-    returning: bool = False,
-    min_seconds: float = 0.0,
-) -> Case:
-    """`case` with vLLM's timings of the same request added. With `head_cached` its prefix
-    cache holds the instruction when the request arrives (as a server's does under traffic,
-    and as the engine keeps its own); without it, the cache is empty. `returning`: it holds
-    the user's whole prefix, from the same user's earlier request."""
-    n = case.candidates
-    req = Request.of(scorer, n)
-
+def _vllm_calls(
+    scorer: SellaRec, req: Request, peer: VllmBackend, head_cached: bool, returning: bool
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(vLLM's request, its untimed set-up). With `head_cached` its prefix cache holds the
+    instruction when the request arrives (as a server's does under traffic, and as the engine
+    keeps its own); without it, the cache is empty. `returning`: it holds the user's whole
+    prefix, from the same user's earlier request."""
+    n = len(req.cands)
     other = Request.of(scorer, 1, history_seed=2) if head_cached else None
 
     def fresh_cache() -> None:  # untimed
@@ -339,20 +354,24 @@ def with_vllm(
         if other is not None:  # ... but for the instruction, which another user's request left there
             peer.score([other.prefix], other.user_vec, [0], other.suffixes, other.item_vec)
 
-    def vllm_request() -> None:
+    def request() -> None:
         peer.score([req.prefix], req.user_vec, [0] * n, req.suffixes, req.item_vec)
 
-    forget = peer.llm.reset_prefix_cache
-    setup = _earlier_request(scorer, req, peer.score, forget) if returning else fresh_cache
-    times = _timed(vllm_request, scorer.device, reps, setup=setup, min_seconds=min_seconds)
-    rate = n / min(times)
-    return replace(
-        case,
-        vllm_per_s=rate,
-        vllm_p50_ms=_p50_ms(times),
-        engine_vs_vllm=case.engine_per_s / rate,
-        vllm_requests=len(times),
-    )
+    if returning:
+        return request, _earlier_request(scorer, req, peer.score, peer.llm.reset_prefix_cache)
+    return request, fresh_cache
+
+
+@contextlib.contextmanager
+def suspended(processes: list[psutil.Process]) -> Iterator[None]:
+    """`processes` stopped for the block (SIGSTOP), then let run again."""
+    for process in processes:
+        process.suspend()
+    try:
+        yield
+    finally:
+        for process in processes:
+            process.resume()
 
 
 def _p50_ms(times: list[float] | None) -> float | None:
@@ -434,6 +453,9 @@ def bench(
     returning_user: bool = typer.Option(
         False, help="Each timed request from a user both sides kept from an earlier request (prefix caches)."
     ),
+    rounds: int = typer.Option(
+        2, min=1, help="Engine and vLLM take turns this many times per size, sharing --min-seconds."
+    ),
     tokenizer: str = typer.Option("auto", help="Random archs: smollm2, builtin, auto (smollm2 if cached)."),
     out: Path | None = typer.Option(None, help="Write the results as JSON here."),
     plot: Path | None = typer.Option(None, help="Draw candidates/s and p50 against size into this image."),
@@ -456,34 +478,43 @@ def bench(
         shared_head=shared_head,
         prefix_cache_bytes=PREFIX_CACHE_BYTES if returning_user else 0,
     )
-    kernels = matmul_flops(scorer.device, torch_dtype)
-    flops = max(kernels.values())
-    cases = [
-        run_case(
-            scorer,
-            backend,
-            n,
-            reps,
-            naive and n <= naive_max,
-            naive_batch,
-            flops,
-            returning_user,
-            min_seconds,
-        )
-        for n in sizes
-    ]
-    kernels_after = matmul_flops(scorer.device, torch_dtype)
-    if vllm:  # started only now, so that its processes are not alive while our paths are timed
-        with tempfile.TemporaryDirectory(prefix="sellarec-bench-") as work:
+    theirs: list[psutil.Process] = []  # vLLM's processes: stopped while our paths are timed
+
+    def pause() -> AbstractContextManager[None]:
+        return suspended(theirs)
+
+    with contextlib.ExitStack() as stack:
+        peer = None
+        if vllm:  # started first: it takes turns with the engine at every size (`run_case`)
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sellarec-bench-")))
+            ours = {p.pid for p in psutil.Process().children(recursive=True)}
             # vLLM's backend builds a torch backend for distillation: give it the engine's model.
-            peer = vllm_peer(engine_scorer, arch, max_batch_tokens, Path(work))
-            try:
-                cases = [
-                    with_vllm(c, scorer, peer, reps, vllm_head_cached, returning_user, min_seconds)
-                    for c in cases
-                ]
-            finally:
-                peer.close()
+            peer = vllm_peer(engine_scorer, arch, max_batch_tokens, work)
+            stack.callback(peer.close)
+            theirs += [p for p in psutil.Process().children(recursive=True) if p.pid not in ours]
+        with pause():
+            kernels = matmul_flops(scorer.device, torch_dtype)
+        flops = max(kernels.values())
+        cases = [
+            run_case(
+                scorer,
+                backend,
+                n,
+                reps,
+                naive and n <= naive_max,
+                naive_batch,
+                flops,
+                returning_user,
+                min_seconds,
+                peer,
+                vllm_head_cached,
+                rounds,
+                pause,
+            )
+            for n in sizes
+        ]
+        with pause():
+            kernels_after = matmul_flops(scorer.device, torch_dtype)
 
     engine_kind = "fast path" if backend.fast_path.active else "plain"
     title = (
@@ -504,6 +535,7 @@ def bench(
         "returning_user": returning_user,
         "reps": reps,
         "min_seconds": min_seconds,
+        "rounds": rounds,
         "engine_prefix_cache": {"hits": backend.prefix_cache.hits, "misses": backend.prefix_cache.misses},
         "vllm_threads_bind": vllm_binding or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
         "matmul_flops": flops,

@@ -23,9 +23,9 @@ from sellarec.model.sella import SellaRec
 
 #: Architecture sizes of the paper's family, for random-weight speed runs ("tiny": smoke tests).
 ARCHES: dict[str, dict[str, int]] = {
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=128,
+    "tiny": dict(  # heads of 32: the smallest that vLLM's CPU attention takes
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

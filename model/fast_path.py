@@ -234,12 +234,15 @@ def _last_layer_row_wise(decoder: nn.Module) -> list[nn.Module]:
     return [m for m in found if isinstance(m, PackedLinear | PackedSwiGLU)]
 
 
-def enable(decoder: nn.Module, hidden_size: int, fuse_mlp: bool = True) -> FastPath:
+def enable(
+    decoder: nn.Module, hidden_size: int, fuse_mlp: bool = True, skip_unread_rows: bool = True
+) -> FastPath:
     """Pack the decoder's linear layers in place; checked on a probe, undone if it disagrees.
 
     The original layers (and their dense weights) are let go once the probe passes, so
     memory does not grow. Packing an already packed decoder finds nothing to do.
-    `fuse_mlp=False` packs the MLPs' three layers one by one (for comparisons).
+    `fuse_mlp=False` packs the MLPs' three layers one by one, `skip_unread_rows=False` keeps
+    the last layer on every row (both for comparisons).
     """
     if not any(isinstance(m, nn.Linear) for m in decoder.modules()):
         return FastPath()  # already packed (a second backend on the same scorer): no probe forwards
@@ -260,7 +263,7 @@ def enable(decoder: nn.Module, hidden_size: int, fuse_mlp: bool = True) -> FastP
     done = FastPath(
         linears=sum(3 if isinstance(m, PackedSwiGLU) else 1 for m in _modules(replaced)),
         mlps=sum(isinstance(m, PackedSwiGLU) for m in _modules(replaced)),
-        read_rows_only=_skip_unread_rows(decoder, hidden_size, want),
+        read_rows_only=_skip_unread_rows(decoder, hidden_size, want) if skip_unread_rows else 0,
     )
     log.info(
         "CPU fast path: %d linear layers packed for oneDNN, %d MLPs fused, %d last-layer modules "

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import typer
@@ -23,6 +24,7 @@ from sellarec.bench.cli import (
     candidate_flops,
     matmul_flops,
     parse_sizes,
+    suspended,
 )
 from sellarec.bench.gpu_check import check, spearman
 from sellarec.bench.plot import plot_sweep
@@ -133,10 +135,10 @@ def test_a_returning_user_is_timed_on_the_prefix_its_earlier_request_left(tmp_pa
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
     assert record["returning_user"]
-    # Per size: the warm-up and every timed call (two at least, more to fill --min-seconds),
-    # each after an earlier request that missed.
-    calls = sum(case["engine_requests"] + 1 for case in record["cases"])
-    assert all(case["engine_requests"] >= 2 for case in record["cases"])
+    # Per size: each round's warm-up and every timed call (two a round at least, more to fill
+    # --min-seconds), each after an earlier request that missed.
+    calls = sum(case["engine_requests"] + record["rounds"] for case in record["cases"])
+    assert record["rounds"] == 2 and all(case["engine_requests"] >= 4 for case in record["cases"])
     assert record["engine_prefix_cache"] == {"hits": calls, "misses": calls}
     assert all(case["engine_per_s"] > 0 for case in record["cases"])
 
@@ -146,6 +148,46 @@ def test_without_returning_users_the_engine_keeps_no_prefix(tmp_path):
     args = [*TINY, "--candidates", "1", "--reps", "1", "--no-naive", "--min-seconds", "0"]
     assert CliRunner().invoke(_app(bench), [*args, "--out", str(out)]).exit_code == 0
     assert json.loads(out.read_text())["engine_prefix_cache"] == {"hits": 0, "misses": 0}
+
+
+def test_suspended_processes_are_stopped_for_the_block_and_run_after_it():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        process = psutil.Process(child.pid)
+        with suspended([process]):
+            assert process.status() == psutil.STATUS_STOPPED
+        assert process.status() != psutil.STATUS_STOPPED
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.slow
+def test_vllm_takes_turns_with_the_engine_at_every_size(tmp_path):
+    """Both sides timed in each of two rounds; vLLM's processes stopped while the engine runs."""
+    pytest.importorskip("vllm")
+    out = tmp_path / "bench.json"
+    args = [*TINY, "--candidates", "1,5", "--reps", "2", "--min-seconds", "0", "--no-naive", "--vllm"]
+    stopped_during_engine = []
+    original = suspended
+
+    def recording(processes):
+        stopped_during_engine.append(len(processes))
+        return original(processes)
+
+    import sellarec.bench.cli as cli
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli, "suspended", recording)
+        result = CliRunner().invoke(_app(bench), [*args, "--threads", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert record["rounds"] == 2
+    for case in record["cases"]:
+        assert case["vllm_per_s"] > 0 and case["engine_vs_vllm"] > 0
+        assert case["engine_requests"] == 4 and case["vllm_requests"] == 4  # 2 rounds x 2 reps
+    # The probe twice, and two engine turns per size: each with vLLM's processes stopped.
+    assert len(stopped_during_engine) == 2 + 2 * 2 and min(stopped_during_engine) >= 1
 
 
 def test_gpu_check_smoke_runs_on_the_cpu(tmp_path):

@@ -4,8 +4,10 @@
 
 Variants, each on its own copy of SmolLM2 (fp32), timed in turn within every repetition so
 that a busy machine slows them alike: `plain` (nn.Linear, aten::mm), `packed` (linear
-layers on packed oneDNN weights), `packed+swiglu` (the default fast path: the MLP's gate
-fused into oneDNN post-ops), at one candidate `split` (the prefix and the suffix as two
+layers on packed oneDNN weights), `all-rows` (packed, SwiGLU fused, the last layer
+computing every token's row), `packed+swiglu` (the default fast path: the MLP's gate fused
+into oneDNN post-ops, the last layer's query/output projections and MLP on the rows the
+scorer reads only), at one candidate `split` (the prefix and the suffix as two
 forwards, as before the one-candidate rule) against the backend's whole-prompt forward, and
 with `--compiled` a `compiled` variant: the plain decoder with every layer's forward under
 `torch.compile(dynamic=True)` and Inductor's freezing (its own weight packing and fused
@@ -35,10 +37,13 @@ from sellarec.service.backends.torch_backend import TorchBackend
 
 def variants(base: SellaRec, compiled: bool = False) -> dict[str, TorchBackend]:
     packed = copy.deepcopy(base)
-    fast_path.enable(packed.decoder, packed.llm_dim, fuse_mlp=False)
+    fast_path.enable(packed.decoder, packed.llm_dim, fuse_mlp=False, skip_unread_rows=False)
+    every_row = copy.deepcopy(base)
+    fast_path.enable(every_row.decoder, every_row.llm_dim, skip_unread_rows=False)
     out = {
         "plain": TorchBackend(base, cpu_fast_path=False),
         "packed": TorchBackend(packed, cpu_fast_path=False),
+        "all-rows": TorchBackend(every_row, cpu_fast_path=False),
         "packed+swiglu": TorchBackend(copy.deepcopy(base)),
     }
     if compiled:
