@@ -364,14 +364,19 @@ def _vllm_calls(
 
 @contextlib.contextmanager
 def suspended(processes: list[psutil.Process]) -> Iterator[None]:
-    """`processes` stopped for the block (SIGSTOP), then let run again."""
-    for process in processes:
-        process.suspend()
+    """`processes` stopped for the block (SIGSTOP), then let run again; one that has ended
+    in the meantime is passed over."""
+    stopped = []
     try:
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.suspend()
+                stopped.append(process)
         yield
     finally:
-        for process in processes:
-            process.resume()
+        for process in stopped:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.resume()
 
 
 def _p50_ms(times: list[float] | None) -> float | None:
