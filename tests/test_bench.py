@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -150,13 +151,23 @@ def test_without_returning_users_the_engine_keeps_no_prefix(tmp_path):
     assert json.loads(out.read_text())["engine_prefix_cache"] == {"hits": 0, "misses": 0}
 
 
+def _status_becomes(process: psutil.Process, stopped: bool, seconds: float = 5.0) -> bool:
+    """Whether the process is (or is not) stopped within `seconds` (signals arrive asynchronously)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if (process.status() == psutil.STATUS_STOPPED) == stopped:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def test_suspended_processes_are_stopped_for_the_block_and_run_after_it():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         process = psutil.Process(child.pid)
         with suspended([process]):
-            assert process.status() == psutil.STATUS_STOPPED
-        assert process.status() != psutil.STATUS_STOPPED
+            assert _status_becomes(process, stopped=True)
+        assert _status_becomes(process, stopped=False)
     finally:
         child.kill()
         child.wait()
