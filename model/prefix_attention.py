@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface, PretrainedConfig
@@ -41,6 +41,13 @@ class SharedPrefix:
     padded: bool
     #: When a list: receives each layer's suffix keys/values, in layer order (to keep them).
     kept: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: Attention masks, built by the first layer and reused by the others.
+    masks: dict[tuple[object, ...], torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, key: tuple[object, ...], build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self.masks:
+            self.masks[key] = build()
+        return self.masks[key]
 
 
 _ACTIVE: contextvars.ContextVar[SharedPrefix | None] = contextvars.ContextVar("shared_prefix", default=None)
@@ -154,29 +161,34 @@ def _cpu_flash(
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     scale = scaling if scaling is not None else d**-0.5
-    above = torch.ones(s, s, dtype=torch.bool, device=query.device).triu(1)
-    causal = torch.zeros(s, s, dtype=query.dtype, device=query.device).masked_fill(above, float("-inf"))
-    causal_tiled = causal.repeat(groups, 1)[None, None]  # row g * S + t is query t of group g
-    out = torch.empty(n, kv_heads, groups * s, d, dtype=query.dtype, device=query.device)
+    dtype, device = query.dtype, query.device
+
+    def tiled_causal() -> torch.Tensor:  # row g * S + t is query t of group g
+        above = torch.ones(s, s, dtype=torch.bool, device=device).triu(1)
+        causal = torch.zeros(s, s, dtype=dtype, device=device).masked_fill(above, float("-inf"))
+        return causal.repeat(groups, 1)[None, None]
+
+    def prefix_bias(row: int) -> torch.Tensor:  # [1, 1, 1, P]: -inf on the prefix's padding
+        bias = torch.zeros(prefix.key_mask.shape[1], dtype=dtype, device=device)
+        return bias.masked_fill(~prefix.key_mask[row], float("-inf"))[None, None, None, :]
+
+    def whole(row: int) -> torch.Tensor:  # [1, 1, G * S, P + S]: the prefix, then the suffix causally
+        width = k_prefix.shape[2]
+        head = prefix_bias(row) if prefix.padded else torch.zeros(1, 1, 1, width, dtype=dtype, device=device)
+        return torch.cat([head.expand(1, 1, groups * s, width), causal_tiled], -1)
+
+    causal_tiled = prefix.mask(("tiled", s, groups, dtype), tiled_causal)
+    out = torch.empty(n, kv_heads, groups * s, d, dtype=dtype, device=device)
     for row, start, end in prefix.runs:
         m = end - start
         q = query[start:end].reshape(m, kv_heads, groups * s, d)  # q head h uses kv head h // groups
-        bias = None
-        if prefix.padded:
-            bias = torch.zeros(prefix.key_mask.shape[1], dtype=query.dtype, device=query.device)
-            bias = bias.masked_fill(~prefix.key_mask[row], float("-inf"))[None, None, None, :]
         if m == 1:  # one suffix: one call over its prefix and itself (copying one prefix costs less)
             keys = torch.cat([k_prefix[row : row + 1], key[start:end]], 2)
             values = torch.cat([v_prefix[row : row + 1], value[start:end]], 2)
-            width = k_prefix.shape[2]
-            head = (
-                bias.expand(1, 1, groups * s, width)
-                if bias is not None
-                else causal_tiled.new_zeros(1, 1, groups * s, width)
-            )
-            mask = torch.cat([head, causal_tiled], -1)
+            mask = prefix.mask(("whole", row, s, groups, dtype), lambda row=row: whole(row))
             out[start:end] = flash(q, keys, values, 0.0, False, attn_mask=mask, scale=scale)[0]
             continue
+        bias = prefix.mask(("bias", row, dtype), lambda row=row: prefix_bias(row)) if prefix.padded else None
         q_folded = q.transpose(0, 1).reshape(1, kv_heads, m * groups * s, d)
         o_p, lse_p = flash(
             q_folded,
