@@ -59,9 +59,9 @@ def _on_read_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, w
     """`fn` (a token-wise map to `width` features) on the rows the forward reads, zeros on
     the others."""
     rows = _READ_ROWS.get()
+    if rows is None:
+        return fn(x)
     flat = x.reshape(-1, x.shape[-1])
-    if rows is None or (len(rows) and int(rows.max()) >= flat.shape[0]):
-        return fn(x)  # not told, or told of another forward's rows: every row
     out = flat.new_zeros(flat.shape[0], width)
     if len(rows):
         out.index_copy_(0, rows, fn(flat.index_select(0, rows)))

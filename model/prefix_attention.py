@@ -41,12 +41,14 @@ class SharedPrefix:
     padded: bool
     #: When a list: receives each layer's suffix keys/values, in layer order (to keep them).
     kept: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    #: Attention masks, built by the first layer and reused by the others.
-    masks: dict[tuple[object, ...], torch.Tensor] = field(default_factory=dict)
+    #: Attention masks of this forward, built by its first layer and reused by the others
+    #: (every layer has the same suffix length, heads and dtype).
+    masks: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
-    def mask(self, key: tuple[object, ...], build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def mask(self, kind: str, row: int, build: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        key = (kind, row)
         if key not in self.masks:
-            self.masks[key] = build()
+            self.masks[key] = build(row)
         return self.masks[key]
 
 
@@ -163,7 +165,7 @@ def _cpu_flash(
     scale = scaling if scaling is not None else d**-0.5
     dtype, device = query.dtype, query.device
 
-    def tiled_causal() -> torch.Tensor:  # row g * S + t is query t of group g
+    def tiled_causal(_: int) -> torch.Tensor:  # row g * S + t is query t of group g
         above = torch.ones(s, s, dtype=torch.bool, device=device).triu(1)
         causal = torch.zeros(s, s, dtype=dtype, device=device).masked_fill(above, float("-inf"))
         return causal.repeat(groups, 1)[None, None]
@@ -177,7 +179,7 @@ def _cpu_flash(
         head = prefix_bias(row) if prefix.padded else torch.zeros(1, 1, 1, width, dtype=dtype, device=device)
         return torch.cat([head.expand(1, 1, groups * s, width), causal_tiled], -1)
 
-    causal_tiled = prefix.mask(("tiled", s, groups, dtype), tiled_causal)
+    causal_tiled = prefix.mask("tiled causal", -1, tiled_causal)
     out = torch.empty(n, kv_heads, groups * s, d, dtype=dtype, device=device)
     for row, start, end in prefix.runs:
         m = end - start
@@ -185,10 +187,10 @@ def _cpu_flash(
         if m == 1:  # one suffix: one call over its prefix and itself (copying one prefix costs less)
             keys = torch.cat([k_prefix[row : row + 1], key[start:end]], 2)
             values = torch.cat([v_prefix[row : row + 1], value[start:end]], 2)
-            mask = prefix.mask(("whole", row, s, groups, dtype), lambda row=row: whole(row))
+            mask = prefix.mask("prefix and suffix", row, whole)
             out[start:end] = flash(q, keys, values, 0.0, False, attn_mask=mask, scale=scale)[0]
             continue
-        bias = prefix.mask(("bias", row, dtype), lambda row=row: prefix_bias(row)) if prefix.padded else None
+        bias = prefix.mask("prefix padding", row, prefix_bias) if prefix.padded else None
         q_folded = q.transpose(0, 1).reshape(1, kv_heads, m * groups * s, d)
         o_p, lse_p = flash(
             q_folded,

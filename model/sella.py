@@ -41,15 +41,16 @@ class PrefixState:
     lengths: torch.Tensor
 
 
-def _at_last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, d] rows of right-padded `hidden` [B, T, d] at each row's last real token."""
-    return hidden[torch.arange(len(mask), device=hidden.device), mask.sum(1) - 1]
-
-
 def _last_rows(mask: torch.Tensor) -> torch.Tensor:
     """Flat indices, in the [B * T] rows of a right-padded forward, of each row's last token:
-    the only rows whose final hidden state the scorer reads (`fast_path.reading_rows`)."""
+    the only rows whose final hidden state the scorer reads, and so the only rows the last
+    layer needs to compute (`fast_path.reading_rows`)."""
     return torch.arange(len(mask), device=mask.device) * mask.shape[1] + mask.sum(1) - 1
+
+
+def _at_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[len(rows), d] rows of `hidden` [B, T, d] at the flat indices `rows`."""
+    return hidden.flatten(0, 1).index_select(0, rows)
 
 
 #: A forward whose hidden states are not read at all (its keys/values are).
@@ -162,9 +163,10 @@ class SellaRec(nn.Module):
     def last_hidden(self, encoded: Sequence[Encoded], vectors: torch.Tensor | None = None) -> torch.Tensor:
         """[B, d_L] final hidden state at each prompt's last token (right-padded batch)."""
         embeds, mask = self._inputs(encoded, vectors)
-        with fast_path.reading_rows(_last_rows(mask)):
+        read = _last_rows(mask)
+        with fast_path.reading_rows(read):
             out = self.decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
-        return _at_last_token(out.last_hidden_state, mask)
+        return _at_rows(out.last_hidden_state, read)
 
     def score(self, encoded: Sequence[Encoded], vectors: torch.Tensor | None = None) -> torch.Tensor:
         """[B] logits of P(Yes) for whole prompts (`vectors`: [B, 3, d_L] or None)."""
@@ -222,6 +224,7 @@ class SellaRec(nn.Module):
         """
         rows = rows.to(self.device)
         embeds, mask = self._inputs(suffixes, vectors)
+        read = _last_rows(mask)
         config = self.causal_lm.config
         if self.share_prefix_attention and prefix_attention.supported(config):
             shared = prefix_attention.SharedPrefix(
@@ -231,16 +234,16 @@ class SellaRec(nn.Module):
                 padded=bool((state.mask == 0).any()),
                 kept=kept,
             )
-            with prefix_attention.sharing(config, shared), fast_path.reading_rows(_last_rows(mask)):
+            with prefix_attention.sharing(config, shared), fast_path.reading_rows(read):
                 hidden = self.decoder(
                     inputs_embeds=embeds, position_ids=_positions_after(state, rows, mask), use_cache=False
                 ).last_hidden_state
         else:  # replicate the prefix keys/values per candidate (any architecture)
-            hidden, cache, _ = self._continue_copied(state, rows, embeds, mask, _last_rows(mask))
+            hidden, cache, _ = self._continue_copied(state, rows, embeds, mask, read)
             if kept is not None:
                 width = state.mask.shape[1]
                 kept += [(layer.keys[:, :, width:], layer.values[:, :, width:]) for layer in cache.layers]
-        return _at_last_token(hidden, mask)
+        return _at_rows(hidden, read)
 
     def _continue_copied(
         self,

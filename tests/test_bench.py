@@ -15,7 +15,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from sellarec.bench import workload
+from sellarec.bench import cli, workload
 from sellarec.bench.cli import (
     MAX_REPS,
     SWEEP,
@@ -176,23 +176,19 @@ def test_suspended_processes_are_stopped_for_the_block_and_run_after_it():
 
 
 @pytest.mark.slow
-def test_vllm_takes_turns_with_the_engine_at_every_size(tmp_path):
+def test_vllm_takes_turns_with_the_engine_at_every_size(tmp_path, monkeypatch):
     """Both sides timed in each of two rounds; vLLM's processes stopped while the engine runs."""
     pytest.importorskip("vllm")
     out = tmp_path / "bench.json"
     args = [*TINY, "--candidates", "1,5", "--reps", "2", "--min-seconds", "0", "--no-naive", "--vllm"]
     stopped_during_engine = []
-    original = suspended
 
     def recording(processes):
         stopped_during_engine.append(len(processes))
-        return original(processes)
+        return suspended(processes)
 
-    import sellarec.bench.cli as cli
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli, "suspended", recording)
-        result = CliRunner().invoke(_app(bench), [*args, "--threads", "1", "--out", str(out)])
+    monkeypatch.setattr(cli, "suspended", recording)
+    result = CliRunner().invoke(_app(bench), [*args, "--threads", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
     assert record["rounds"] == 2
