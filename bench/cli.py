@@ -96,6 +96,9 @@ class Case:
     #: Timed requests behind each rate (at least `--reps`; more to fill `--min-seconds`).
     engine_requests: int = 0
     vllm_requests: int | None = None
+    #: The matmul rate behind `roofline_per_s` (FLOP/s): the best probe taken beside this
+    #: size's engine turns, or the run's one probe.
+    matmul_flops: float = 0.0
 
 
 def matmul_flops(
@@ -264,6 +267,7 @@ def run_case(
     vllm_head_cached: bool = True,
     rounds: int = 1,
     paused: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
+    probe: Callable[[], float] | None = None,
 ) -> Case:
     """Time one rerank size on our paths and, with a `peer`, on vLLM; `scorer` is the plain
     model (the naive path's).
@@ -275,6 +279,11 @@ def run_case(
 
     `returning`: each timed request comes from a user whose earlier request (another
     candidate, untimed) the backend's prefix cache kept, as vLLM's keeps it.
+
+    `probe` (a matmul rate, FLOP/s): taken right after each of the engine's turns, and the
+    best of them sets this size's roofline instead of `flops`, so that the engine and the
+    rate it is measured against come from the same minutes (a shared machine's matmul rate
+    moved from 138 to 242 GFLOP/s within one run, docs/performance.md).
     """
     device = scorer.device
     req = Request.of(scorer, n)
@@ -293,9 +302,12 @@ def run_case(
     vllm_calls = _vllm_calls(scorer, req, peer, vllm_head_cached, returning) if peer is not None else None
     engine_times: list[float] = []
     vllm_times: list[float] = []
+    rates: list[float] = []
     for _ in range(rounds):
         with paused():
             engine_times += _timed(engine, device, reps, setup=setup, min_seconds=min_seconds / rounds)
+            if probe is not None:
+                rates.append(probe())
         if vllm_calls is not None:
             request, vllm_setup = vllm_calls
             vllm_times += _timed(request, device, reps, setup=vllm_setup, min_seconds=min_seconds / rounds)
@@ -303,6 +315,7 @@ def run_case(
     naive_rate = n / min(naive_times) if naive_times else None
     vllm_rate = n / min(vllm_times) if vllm_times else None
     cached = len(req.prefix) if returning else backend.head.length if backend.head.usable([req.prefix]) else 0
+    flops = max(rates) if rates else flops
     roofline = flops / candidate_flops(scorer.backbone, len(req.prefix), suffix_len, n, cached)
     return Case(
         candidates=n,
@@ -320,6 +333,7 @@ def run_case(
         engine_vs_roofline=engine_rate / roofline,
         engine_requests=len(engine_times),
         vllm_requests=len(vllm_times) if vllm_times else None,
+        matmul_flops=flops,
     )
 
 
@@ -463,6 +477,9 @@ def bench(
     rounds: int = typer.Option(
         2, min=1, help="Engine and vLLM take turns this many times per size, sharing --min-seconds."
     ),
+    probe_each_size: bool = typer.Option(
+        True, help="Probe the matmul rate after each engine turn too; a size's roofline takes their best."
+    ),
     tokenizer: str = typer.Option("auto", help="Random archs: smollm2, builtin, auto (smollm2 if cached)."),
     out: Path | None = typer.Option(None, help="Write the results as JSON here."),
     plot: Path | None = typer.Option(None, help="Draw candidates/s and p50 against size into this image."),
@@ -502,6 +519,10 @@ def bench(
         with pause():
             kernels = matmul_flops(scorer.device, torch_dtype)
         flops = max(kernels.values())
+
+        def beside() -> float:  # the probe again, between a size's engine turns (run_case)
+            return max(matmul_flops(scorer.device, torch_dtype).values())
+
         cases = [
             run_case(
                 scorer,
@@ -517,6 +538,7 @@ def bench(
                 vllm_head_cached,
                 rounds,
                 pause,
+                beside if probe_each_size else None,
             )
             for n in sizes
         ]
@@ -524,10 +546,12 @@ def bench(
             kernels_after = matmul_flops(scorer.device, torch_dtype)
 
     engine_kind = "fast path" if backend.fast_path.active else "plain"
+    rates = [c.matmul_flops for c in cases]
     title = (
         f"{arch} {dtype} on {device}, {torch.get_num_threads()} threads, engine: {engine_kind}; "
         "matmul GFLOP/s "
         + ", ".join(f"{k} {v / 1e9:.0f} (after: {kernels_after[k] / 1e9:.0f})" for k, v in kernels.items())
+        + (f"; beside each size {min(rates) / 1e9:.0f}-{max(rates) / 1e9:.0f}" if probe_each_size else "")
     )
     Console(width=170).print(results_table(title, cases))
     record = {
@@ -548,6 +572,7 @@ def bench(
         "matmul_flops": flops,
         "matmul_flops_by_kernel": kernels,
         "matmul_flops_after": max(kernels_after.values()),
+        "probe_each_size": probe_each_size,
         "cases": [asdict(c) for c in cases],
     }
     if out:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ from sellarec.bench.cli import (
     candidate_flops,
     matmul_flops,
     parse_sizes,
+    run_case,
     suspended,
 )
 from sellarec.bench.gpu_check import check, spearman
@@ -32,6 +34,7 @@ from sellarec.bench.plot import plot_sweep
 from sellarec.model.encoding import PromptEncoder
 from sellarec.model.prompts import TemplateSpec, item_prompt, user_prompt
 from sellarec.model.scoring import answer_token_ids
+from sellarec.service.backends.torch_backend import TorchBackend
 
 ROOT = Path(__file__).parents[1]
 PNG = b"\x89PNG"
@@ -238,6 +241,31 @@ def test_gpu_script_smoke_run_writes_its_results(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads((tmp_path / "gpu_check.json").read_text())["agreement"]["passed"]
     assert "PASS" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_each_size_is_measured_against_the_probe_taken_beside_its_engine_turns():
+    """The probe runs after each engine turn, inside the pause, and the best reading sets
+    the roofline; without one, the run's single probe does."""
+    scorer = workload.build_scorer("tiny", "cpu", torch.float32, "builtin")[0]
+    backend = TorchBackend(scorer)
+    events, readings = [], iter([2e9, 6e9, 4e9])
+
+    @contextlib.contextmanager
+    def paused():
+        events.append("pause")
+        yield
+        events.append("resume")
+
+    def probe() -> float:
+        events.append("probe")
+        return next(readings)
+
+    case = run_case(scorer, backend, 3, 1, False, 4, 1e9, rounds=3, paused=paused, probe=probe)
+    assert events == ["pause", "probe", "resume"] * 3
+    plain = run_case(scorer, backend, 3, 1, False, 4, 1e9)  # the same request, the run's probe
+    assert case.matmul_flops == 6e9 and plain.matmul_flops == 1e9
+    assert case.roofline_per_s == pytest.approx(6 * plain.roofline_per_s)
+    assert case.engine_vs_roofline == pytest.approx(case.engine_per_s / case.roofline_per_s)
 
 
 def test_the_cached_instruction_is_not_counted_in_the_roofline_work():
