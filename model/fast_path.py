@@ -50,7 +50,7 @@ PROBE_TOLERANCE = 1e-4
 
 #: glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-#: Allocations up to this size come from the heap (glibc's largest allowed threshold).
+#: Allocations up to this size come from the heap (the ceiling of glibc's own adaptive threshold).
 MMAP_THRESHOLD = 32 << 20
 #: Free memory at the heap's top kept for reuse, up to this much.
 TRIM_THRESHOLD = 1 << 30
@@ -62,12 +62,12 @@ def keep_freed_memory() -> bool:
     A forward on CPU allocates and frees tensors of megabytes layer after layer (activations,
     the MLP's intermediate, attention outputs). By default glibc gives memory that size back
     to the kernel once freed (fresh mmaps above a threshold that adapts, a heap trimmed at
-    its top), so the next layer's tensors fault their pages in, zeroed, again: 70,000 to
-    390,000 minor page faults in a 100-candidate request of SmolLM2 (0.3 to 1.5 GB of pages;
-    docs/performance.md). With a fixed 32 MiB mmap threshold and a 1 GiB trim threshold the
-    heap keeps them: about 1,400. The price is that the process holds on to its peak working
-    set, as jemalloc and tcmalloc (vLLM's CPU recommendation) do. Process-wide; a no-op
-    returning False where the C library is not glibc.
+    its top), so the next layer's tensors fault their pages in, zeroed, again: 13,000 to
+    390,000 minor page faults in a 100-candidate request of SmolLM2, depending on what the
+    process did before (docs/performance.md). With a fixed 32 MiB mmap threshold and a 1 GiB
+    trim threshold the heap keeps them: under 2,200. The price is that the process holds on
+    to its peak working set, as jemalloc and tcmalloc (vLLM's CPU recommendation) do.
+    Process-wide; a no-op returning False where the C library is not glibc.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

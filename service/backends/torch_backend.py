@@ -119,7 +119,7 @@ class TorchBackend(Backend):
         merged = not isinstance(scorer.backbone, PeftModel)
         if cpu_fast_path and merged and fast_path.supported(self.device, scorer.dtype):
             self.fast_path = fast_path.enable(scorer.decoder, scorer.llm_dim)
-        #: Whether freed memory is kept for the next forward (on CPU with the fast path on).
+        #: Whether freed memory is kept for the next forward (on CPU, fast path and keep_freed_memory on).
         on_cpu = cpu_fast_path and keep_freed_memory and self.device.type == "cpu"
         self.keeps_freed_memory = on_cpu and fast_path.keep_freed_memory()
         # The template's instruction, run once here (after the fast path, with the weights that
