@@ -138,6 +138,15 @@ def candidate_flops(model: torch.nn.Module, prefix: int, suffix: float, n: int, 
     return suffix * per_token + attention + prefix_cost / n
 
 
+def request_flops(scorer: SellaRec, backend: TorchBackend, req: Request, returning: bool = False) -> float:
+    """`candidate_flops` of `req` as `backend` serves it: the template's instruction is cached
+    when the backend holds it, the whole prefix for a `returning` user."""
+    n = len(req.suffixes)
+    suffix = sum(len(s) for s in req.suffixes) / n
+    cached = len(req.prefix) if returning else backend.head.length if backend.head.usable([req.prefix]) else 0
+    return candidate_flops(scorer.backbone, len(req.prefix), suffix, n, cached)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -314,9 +323,8 @@ def run_case(
     engine_rate = n / min(engine_times)
     naive_rate = n / min(naive_times) if naive_times else None
     vllm_rate = n / min(vllm_times) if vllm_times else None
-    cached = len(req.prefix) if returning else backend.head.length if backend.head.usable([req.prefix]) else 0
     flops = max(rates) if rates else flops
-    roofline = flops / candidate_flops(scorer.backbone, len(req.prefix), suffix_len, n, cached)
+    roofline = flops / request_flops(scorer, backend, req, returning)
     return Case(
         candidates=n,
         prefix_tokens=len(req.prefix),

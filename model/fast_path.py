@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
-import ctypes.util
 import logging
 import platform
 from collections.abc import Callable, Iterator
@@ -71,10 +70,7 @@ def keep_freed_memory() -> bool:
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return False
+    libc = ctypes.CDLL(None)  # the process's own symbols: glibc's malloc is among them
     mmap = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     trim = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     return bool(mmap and trim)

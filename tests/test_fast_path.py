@@ -150,8 +150,9 @@ def test_the_last_layer_keeps_every_row_where_the_probe_disagrees(monkeypatch):
 _ALLOCATIONS = """
 import ctypes, resource, sys, torch
 from sellarec.model import fast_path
-libc = ctypes.CDLL("libc.so.6")
-assert libc.mallopt(-3, 128 << 10) and libc.mallopt(-1, 128 << 10)  # M_MMAP_, M_TRIM_THRESHOLD
+libc = ctypes.CDLL(None)
+for parameter in (fast_path._M_MMAP_THRESHOLD, fast_path._M_TRIM_THRESHOLD):
+    assert libc.mallopt(parameter, 128 << 10)
 if sys.argv[1] == "keep":
     assert fast_path.keep_freed_memory()
 faults = []

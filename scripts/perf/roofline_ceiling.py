@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import resource
-import time
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sellarec.bench.cli import Request, build_scorer, candidate_flops, matmul_flops
+from sellarec.bench.cli import Request, _timed, build_scorer, matmul_flops, request_flops
 from sellarec.model import fast_path
 from sellarec.service.backends.torch_backend import TorchBackend
 
@@ -77,16 +76,15 @@ def replay(calls: list[tuple[int, int, int, bool]], layers: int, reps: int) -> f
         seen[(out, inp)] += 1
         other = torch.randn(rows, out) if binary else None
         plan.append((inputs[(rows, inp)], weight, other))
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
+
+    def run() -> None:
         for x, weight, other in plan:
             if other is None:
                 torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
             else:
                 torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, None, "mul")
-        best = min(best, time.perf_counter() - start)
-    return best
+
+    return min(_timed(run, torch.device("cpu"), reps))
 
 
 def main() -> None:
@@ -113,16 +111,23 @@ def main() -> None:
         def engine(req: Request = req, n: int = n) -> None:
             backend.score([req.prefix], req.user_vec, [0] * n, req.suffixes, req.item_vec)
 
-        engine()
-        times, faults, cpu = [], [], []
-        for _ in range(args.reps):
-            before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        usage: list[tuple[int, float, float]] = []  # per call: page faults, user and system seconds
+
+        def counted(engine=engine, usage=usage) -> None:
+            before = resource.getrusage(resource.RUSAGE_SELF)
             engine()
-            times.append(time.perf_counter() - start)
             after = resource.getrusage(resource.RUSAGE_SELF)
-            faults.append(after.ru_minflt - before.ru_minflt)
-            cpu.append((after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime))
-        user, system = (sorted(part)[len(part) // 2] for part in zip(*cpu, strict=True))
+            usage.append(
+                (
+                    after.ru_minflt - before.ru_minflt,
+                    after.ru_utime - before.ru_utime,
+                    after.ru_stime - before.ru_stime,
+                )
+            )
+
+        times = _timed(counted, scorer.device, args.reps)
+        faults, users, systems = zip(*usage[1:], strict=True)  # the first call is _timed's warm-up
+        user, system = (sorted(part)[len(part) // 2] for part in (users, systems))
         print(
             f"{n:4d} candidates: best {min(times) * 1e3:7.1f} ms; minor page faults per request "
             f"{min(faults)}-{max(faults)}; CPU seconds per request (median, all threads) user {user:.2f}, "
@@ -135,9 +140,7 @@ def main() -> None:
     probe = max(matmul_flops(scorer.device, torch.float32).values())
     print(f"matmul probe {probe / 1e9:.0f} GFLOP/s")
     for n, req, engine, engine_s in timed:
-        suffix = sum(len(s) for s in req.suffixes) / n
-        cached = backend.head.length if backend.head.usable([req.prefix]) else 0
-        roofline_s = n * candidate_flops(scorer.backbone, len(req.prefix), suffix, n, cached) / probe
+        roofline_s = n * request_flops(scorer, backend, req) / probe
         calls, profiled_s = gemms(engine)
         gemm_flops = sum(2 * rows * out * inp for rows, out, inp, _ in calls)
         alone_s = replay(calls, layers, args.reps)
